@@ -1,0 +1,50 @@
+"""Shared test setup.
+
+TensorFlow is configured once, before first use: the CPU is split into two
+logical devices so distribution tests can run a 2-replica MirroredStrategy
+(single-device code keeps running on CPU:0).
+"""
+
+import os
+import pathlib
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+if str(REPO / "tests") not in sys.path:
+    sys.path.insert(0, str(REPO / "tests"))
+
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+_cpus = tf.config.list_physical_devices("CPU")
+try:
+    tf.config.set_logical_device_configuration(
+        _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+except RuntimeError:  # already initialised by an earlier import
+    pass
+
+MODES = ("eager", "graph", "xla")
+
+
+def shared_data_dir(name):
+    """``<repo>/../shared/data/<name>``: the workplace's read-only data."""
+    return REPO.parent / "shared" / "data" / name
+
+
+@pytest.fixture
+def mnist_dir():
+    path = shared_data_dir("mnist")
+    if not (path / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"real MNIST not found at {path}")
+    return path
+
+
+def run_in_mode(fn, mode):
+    """Runs ``fn()`` eagerly, as a graph, or XLA-compiled."""
+    if mode == "eager":
+        return fn()
+    return tf.function(fn, jit_compile=(mode == "xla"))()

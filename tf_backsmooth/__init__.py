@@ -1,0 +1,30 @@
+"""tf_backsmooth: efficient adversarial robust training for Keras 3 on TensorFlow.
+
+Implements Backward Smoothing (Chen et al., arXiv 2010.01278) and its baselines
+(PGD-AT, TRADES, FGSM-RS, Fast TRADES, GradAlign, N-FGSM) as a custom
+``keras.Model`` (:class:`RobustModel`) whose ``train_step`` runs the attack and
+the objective in graph mode or XLA, on one device or under a
+``tf.distribute`` strategy.
+
+The heavy submodules are imported lazily so that ``import tf_backsmooth`` is
+cheap and ``tf_backsmooth.config`` can be used without TensorFlow.
+"""
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "RobustModel": ("tf_backsmooth.robust_model", "RobustModel"),
+    "attacks": ("tf_backsmooth.attacks", None),
+    "objectives": ("tf_backsmooth.objectives", None),
+    "methods": ("tf_backsmooth.methods", None),
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        module_name, attr = _LAZY[name]
+        module = importlib.import_module(module_name)
+        return getattr(module, attr) if attr else module
+    raise AttributeError(f"module 'tf_backsmooth' has no attribute {name!r}")

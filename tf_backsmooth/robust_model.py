@@ -1,0 +1,242 @@
+"""``RobustModel``: a ``keras.Model`` whose ``train_step`` runs robust training.
+
+Usage::
+
+    base = tf_backsmooth.models.get("small_cnn", 10, (28, 28, 1))
+    model = RobustModel(base, method="backward_smoothing", epsilon=0.3)
+    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
+    model.fit(train_ds, epochs=10)
+    model.save("model.keras")   # exports the plain base classifier
+
+How a step runs
+---------------
+``train_step`` (called by Keras once per replica) derives a stateless seed from
+``(seed, optimizer step, replica id)`` and calls the per-replica function
+``_grads_and_stats`` -- attack, objective and gradients -- which is compiled
+with XLA when enabled. The gradients leave that function and
+``optimizer.apply`` runs outside it, so XLA never wraps ``strategy.run`` or
+the cross-replica all-reduce (which fails, and which XLA does not implement for
+CPU devices). For the same reason ``compile`` always hands Keras
+``jit_compile=False`` and keeps the caller's request for the inner function;
+:attr:`RobustModel.xla` reports the state actually used.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import keras
+import tensorflow as tf
+
+from tf_backsmooth import attacks
+from tf_backsmooth import methods as methods_lib
+from tf_backsmooth import objectives
+
+log = logging.getLogger("tf_backsmooth")
+
+TRAIN_METRICS = ("loss", "natural_loss", "robust_loss", "clean_accuracy",
+                 "adv_accuracy")
+
+
+def resolve_xla(request):
+    """Turns a ``jit_compile`` request (True/False/"auto") into ``(used, why)``.
+
+    ``"auto"`` enables XLA only where a GPU is visible and op determinism is
+    off: on this project's CPUs XLA was measured slower than graph mode for
+    small CNNs (see BUILD_NOTES.md), and XLA has no deterministic kernels for
+    every op. Unlike Keras' own ``"auto"``, it stays on under a distribution
+    strategy, because only the per-replica function is compiled.
+    """
+    if request is True:
+        return True, "requested"
+    if request is False or request is None:
+        return False, "requested off"
+    if request != "auto":
+        raise ValueError(f"jit_compile must be True, False or 'auto', got {request!r}")
+    # Not exported under tf.config; Keras' own "auto" reads the same function.
+    from tensorflow.python.framework.config import is_op_determinism_enabled
+    if is_op_determinism_enabled():
+        return False, "auto: op determinism is enabled"
+    if not tf.config.list_physical_devices("GPU"):
+        return False, "auto: no GPU (XLA measured slower on CPU)"
+    return True, "auto: GPU present"
+
+
+class RobustModel(keras.Model):
+    """Wraps a classifier (``[0, 1]`` images -> logits) for robust training.
+
+    Args:
+      base_model: the Keras classifier; available as ``model.base_model``.
+      method: a name from :func:`tf_backsmooth.methods.names`.
+      epsilon, step_size, steps: attack budget (pixel units), step size and
+        number of steps; ``None`` takes the method's reference default.
+        ``natural`` takes none of them.
+      gamma: Backward Smoothing's logit-noise scale (default 1).
+      beta: TRADES-style KL weight (default 6).
+      seed: base of the stateless attack noise; noise for a step is keyed on
+        ``(seed, optimizer.iterations, replica id)``, so a run repeats exactly.
+      log_clean_accuracy: compute ``clean_accuracy`` even for methods whose
+        objective never sees clean inputs (costs one inference forward pass).
+      **method_kwargs: method-specific keywords (``random_start``,
+        ``lambda_``, ``attack_training`` ...).
+
+    Raises ``ValueError`` naming the parameter for any bad value.
+    """
+
+    def __init__(self, base_model, method="backward_smoothing", epsilon=None,
+                 step_size=None, steps=None, gamma=None, beta=None, seed=0,
+                 log_clean_accuracy=True, name=None, **method_kwargs):
+        if not isinstance(base_model, keras.Model):
+            raise TypeError(
+                f"base_model must be a keras.Model, got {type(base_model)}")
+        super().__init__(name=name or f"robust_{base_model.name}")
+        self.base_model = base_model
+        self.method_name = method
+        self.method = methods_lib.get(method)
+        self.params = methods_lib.resolve_params(
+            method, epsilon=epsilon, step_size=step_size, steps=steps,
+            gamma=gamma, beta=beta, **method_kwargs)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        self.seed = seed
+        self.log_clean_accuracy = log_clean_accuracy
+        logged = ["loss", "natural_loss", "robust_loss"]
+        if log_clean_accuracy or self.method.clean_in_objective:
+            logged.append("clean_accuracy")
+        if self.method.attack is not None:
+            logged.append("adv_accuracy")
+        self._logged = tuple(logged)
+        # clean_accuracy always exists: test_step reports it.
+        self._trackers = {n: keras.metrics.Mean(name=n)
+                          for n in TRAIN_METRICS}
+        self._xla_request = "auto"
+        self.xla = False
+        self.xla_reason = "not compiled"
+        self._step_fn = None
+
+    # ------------------------------------------------------------------ Keras
+    def call(self, inputs, training=False):
+        return self.base_model(inputs, training=training)
+
+    def compile(self, optimizer="rmsprop", loss=None, metrics=None,
+                jit_compile="auto", run_eagerly=False, **kwargs):
+        """As ``keras.Model.compile``; the loss comes from the method.
+
+        ``jit_compile`` applies to the per-replica attack + loss + gradient
+        function (see the module docstring); Keras itself gets ``False``.
+        """
+        if loss is not None:
+            raise ValueError(
+                "RobustModel computes its loss from `method`; do not pass "
+                f"loss= to compile (got {loss!r})")
+        if metrics:
+            raise ValueError(
+                "RobustModel logs its own metrics (" + ", ".join(TRAIN_METRICS)
+                + "); use callbacks for more, not compile(metrics=...)")
+        super().compile(optimizer=optimizer, jit_compile=False,
+                        run_eagerly=run_eagerly, **kwargs)
+        self._xla_request = jit_compile
+        if run_eagerly:
+            self.xla, self.xla_reason = False, "run_eagerly"
+        else:
+            self.xla, self.xla_reason = resolve_xla(jit_compile)
+        self._step_fn = None
+        log.info("RobustModel(%s): XLA for the per-replica step: %s (%s)",
+                 self.method_name, "on" if self.xla else "off", self.xla_reason)
+
+    @property
+    def metrics(self):
+        return list(self._trackers.values())
+
+    def get_config(self):
+        # Only the base classifier is ever serialised (see `save`).
+        return {"method": self.method_name}
+
+    def save(self, filepath, overwrite=True, **kwargs):
+        """Exports the base classifier as a plain Keras model.
+
+        The file holds only built-in Keras objects, so it loads with
+        ``keras.models.load_model`` without tf_backsmooth installed.
+        """
+        return self.base_model.save(filepath, overwrite=overwrite, **kwargs)
+
+    # ------------------------------------------------------------ the step
+    def step_seed(self, step, replica_id):
+        """The stateless seed for one (step, replica): public for tests."""
+        base = tf.constant([self.seed, 0], tf.int32)
+        return attacks.fold_in(attacks.fold_in(base, step), replica_id)
+
+    def _grads_and_stats(self, x, y, sample_weight, seed):
+        """Attack + objective + gradients for one replica's batch."""
+        method, params = self.method, self.params
+        num_replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        attack_fn = lambda t: self.base_model(  # noqa: E731
+            t, training=params.get("attack_training"))
+        train_fn = lambda t: self.base_model(t, training=True)  # noqa: E731
+
+        if method.attack is not None:
+            out = method.attack(attack_fn, x, y, params,
+                                attacks.fold_in(seed, 1))
+        else:
+            out = methods_lib.AttackOutput(None)
+        with tf.GradientTape() as tape:
+            terms = method.objective(train_fn, x, y, out, params,
+                                     attacks.fold_in(seed, 2))
+            loss = objectives.replica_mean(terms.natural + terms.robust,
+                                           sample_weight, num_replicas)
+            if self.base_model.losses:  # weight regularisers
+                loss += tf.add_n(self.base_model.losses) / num_replicas
+            scaled = self.optimizer.scale_loss(loss)
+        grads = tape.gradient(scaled, self.trainable_variables)
+
+        clean_logits = terms.clean_logits
+        if clean_logits is None:
+            clean_logits = out.clean_logits
+        if clean_logits is None and self.log_clean_accuracy:
+            clean_logits = self.base_model(x, training=False)
+        stats = {
+            "loss": terms.natural + terms.robust,
+            "natural_loss": terms.natural,
+            "robust_loss": terms.robust,
+        }
+        if clean_logits is not None and "clean_accuracy" in self._logged:
+            stats["clean_accuracy"] = objectives.correct(y, clean_logits)
+        if terms.adv_logits is not None and "adv_accuracy" in self._logged:
+            stats["adv_accuracy"] = objectives.correct(y, terms.adv_logits)
+        return grads, stats
+
+    def _get_step_fn(self):
+        if self._step_fn is None:
+            if self.run_eagerly:
+                self._step_fn = self._grads_and_stats
+            else:
+                self._step_fn = tf.function(self._grads_and_stats,
+                                            jit_compile=self.xla,
+                                            reduce_retracing=True)
+        return self._step_fn
+
+    def train_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        x = tf.convert_to_tensor(x)
+        if x.dtype != tf.float32:
+            x = tf.cast(x, tf.float32)
+        context = tf.distribute.get_replica_context()
+        replica_id = context.replica_id_in_sync_group if context else 0
+        seed = self.step_seed(self.optimizer.iterations, replica_id)
+        grads, stats = self._get_step_fn()(x, y, sample_weight, seed)
+        self.optimizer.apply(grads, self.trainable_variables)
+        for key, values in stats.items():
+            self._trackers[key].update_state(values)
+        return {n: self._trackers[n].result() for n in self._logged}
+
+    def test_step(self, data):
+        """Clean loss and accuracy in inference mode (robust accuracy on held-out
+        data is the evaluation callback's job)."""
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        logits = self.base_model(x, training=False)
+        self._trackers["loss"].update_state(
+            objectives.cross_entropy(y, logits), sample_weight)
+        accuracy = self._trackers["clean_accuracy"]
+        accuracy.update_state(objectives.correct(y, logits), sample_weight)
+        return {"loss": self._trackers["loss"].result(),
+                "clean_accuracy": accuracy.result()}
