@@ -12,6 +12,23 @@ cheap and ``tf_backsmooth.config`` can be used without TensorFlow.
 
 __version__ = "0.1.0"
 
+MIN_TENSORFLOW = (2, 16)
+
+
+def check_tensorflow():
+    """Raises ImportError with install advice unless TF >= 2.16 with Keras 3."""
+    try:
+        import tensorflow as tf
+    except ImportError as err:
+        raise ImportError(
+            "tf_backsmooth needs TensorFlow >= 2.16: pip install "
+            "'tf_backsmooth[cpu]' (or '[gpu]'), or install TensorFlow yourself"
+        ) from err
+    version = tuple(int(p) for p in tf.__version__.split(".")[:2])
+    if version < MIN_TENSORFLOW:
+        raise ImportError(
+            f"tf_backsmooth needs TensorFlow >= 2.16 (Keras 3); found {tf.__version__}")
+
 _LAZY = {
     "RobustModel": ("tf_backsmooth.robust_model", "RobustModel"),
     "attacks": ("tf_backsmooth.attacks", None),
@@ -24,6 +41,7 @@ def __getattr__(name):
     if name in _LAZY:
         import importlib
 
+        check_tensorflow()
         module_name, attr = _LAZY[name]
         module = importlib.import_module(module_name)
         return getattr(module, attr) if attr else module

@@ -131,3 +131,109 @@ def as_dict(record) -> dict:
             value = list(value)
         out[field.name] = value
     return out
+
+
+# ----------------------------------------------------------------------------
+# A training run
+# ----------------------------------------------------------------------------
+DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn_cropped")
+MODELS = ("small_cnn", "mnist_cnn", "mlp", "preact_resnet18", "resnet18",
+          "wide_resnet")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+LR_SCHEDULES = ("constant", "piecewise", "cyclic", "cosine")
+STRATEGIES = ("default", "one_device", "mirrored", "multi_worker")
+DTYPE_POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
+METHODS = ("natural", "pgd_at", "trades", "fgsm_rs", "fast_trades", "gradalign",
+           "n_fgsm", "backward_smoothing")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything one ``bin/train`` run needs; validated on construction.
+
+    Attack values left ``None`` take the method's reference default
+    (``methods.resolve_params`` fills them in and checks them again).
+    """
+
+    dataset: str = "fashion_mnist"
+    data_dir: str | None = None
+    validation_size: int | None = None
+    num_train_examples: int | None = None
+    model: str = "small_cnn"
+    method: str = "backward_smoothing"
+    epsilon: float | None = 0.1
+    step_size: float | None = None
+    steps: int | None = None
+    gamma: float | None = None
+    beta: float | None = None
+    method_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    lr_schedule: str = "piecewise"
+    weight_decay: float = 0.0
+    model_dir: str = "runs/default"
+    seed: int = 0
+    jit_compile: Any = "auto"  # True, False or "auto"
+    eval_every: int = 1
+    eval_examples: int = 1000
+    eval_pgd_steps: int = 10
+    test_examples: int | None = None
+    test_pgd_steps: int = 20
+    strategy: str = "default"
+    num_cpu_devices: int = 0
+    dtype_policy: str = "float32"
+    sync_batchnorm: bool = False
+    tensorboard: bool = True
+    image_summaries: bool = True
+    verbose: int = 1
+    overwrite: bool = False
+
+    def __post_init__(self):
+        check_choice("dataset", self.dataset, DATASETS)
+        check_choice("model", self.model, MODELS)
+        check_choice("method", self.method, METHODS)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_choice("strategy", self.strategy, STRATEGIES)
+        check_choice("dtype_policy", self.dtype_policy, DTYPE_POLICIES)
+        check_choice("jit_compile", self.jit_compile, (True, False, "auto"))
+        check_int("validation_size", self.validation_size, low=0, allow_none=True)
+        check_int("num_train_examples", self.num_train_examples, low=1,
+                  allow_none=True)
+        check_int("epochs", self.epochs, low=1, high=100_000)
+        check_int("batch_size", self.batch_size, low=1, high=1_000_000)
+        check_real("lr", self.lr, low=0.0, low_open=True, high=100.0)
+        check_real("momentum", self.momentum, low=0.0, high=1.0, high_open=True)
+        check_real("weight_decay", self.weight_decay, low=0.0, high=1.0)
+        check_int("seed", self.seed, low=0, high=2**31 - 1)
+        check_int("eval_every", self.eval_every, low=0)
+        check_int("eval_examples", self.eval_examples, low=1)
+        check_int("eval_pgd_steps", self.eval_pgd_steps, low=1)
+        check_int("test_examples", self.test_examples, low=1, allow_none=True)
+        check_int("test_pgd_steps", self.test_pgd_steps, low=1)
+        check_int("num_cpu_devices", self.num_cpu_devices, low=0, high=64)
+        check_int("verbose", self.verbose, low=0, high=2)
+        if not self.model_dir:
+            raise ConfigError("model_dir must not be empty")
+        if self.method == "natural":
+            if any(v is not None for v in (self.step_size, self.steps)):
+                raise ConfigError("method 'natural' runs no attack; do not set "
+                                  "step_size or steps")
+        else:
+            check_real("epsilon", self.epsilon, low=0.0, low_open=True,
+                       high=MAX_EPSILON)
+        check_real("step_size", self.step_size, low=0.0, low_open=True,
+                   high=MAX_EPSILON, allow_none=True)
+        check_int("steps", self.steps, low=1, high=100_000, allow_none=True)
+        check_real("gamma", self.gamma, low=0.0, allow_none=True)
+        check_real("beta", self.beta, low=0.0, allow_none=True)
+        if self.num_cpu_devices and self.strategy != "mirrored":
+            raise ConfigError("num_cpu_devices only applies to "
+                              "--strategy=mirrored")
+
+    def attack_epsilon(self):
+        """The budget used for robust evaluation (also for `natural` runs)."""
+        return self.epsilon

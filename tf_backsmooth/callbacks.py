@@ -1,0 +1,195 @@
+"""Keras callbacks of a training run: robust validation, best-checkpoint
+selection, throughput/cost logging, image summaries, NaN handling.
+
+Order matters: :class:`RobustValidation` writes ``val_robust_accuracy`` into
+the epoch logs, which the callbacks after it (best checkpoint, run log,
+TensorBoard, backup) read. ``train_lib.make_callbacks`` builds them in order.
+
+Only the chief (``is_chief=True``) writes files; every worker computes the
+same values so that all replicas take the same decisions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tf_backsmooth import attacks
+
+
+def _atomic_write_json(path, payload):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+class RobustValidation(keras.callbacks.Callback):
+    """Clean and PGD-k accuracy of the base classifier on a fixed validation
+    subset every ``every`` epochs (and after the last epoch), logged as
+    ``val_clean_accuracy`` / ``val_robust_accuracy``."""
+
+    def __init__(self, x, y, epsilon, steps=10, every=1, batch_size=500,
+                 seed=0, total_epochs=None):
+        super().__init__()
+        self.x, self.y = x, y
+        self.epsilon, self.steps, self.every = epsilon, steps, every
+        self.batch_size, self.seed = batch_size, seed
+        self.total_epochs = total_epochs
+
+    def _due(self, epoch):
+        last = self.total_epochs is not None and epoch + 1 == self.total_epochs
+        return self.every > 0 and ((epoch + 1) % self.every == 0 or last)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None or not self._due(epoch):
+            return
+        from tf_backsmooth import evaluation
+        base = self.model.base_model
+        report = evaluation.evaluate(
+            base, self.x, self.y, [self.epsilon], attacks=("pgd",),
+            batch_size=self.batch_size, pgd_steps=self.steps, seed=self.seed)
+        logs["val_clean_accuracy"] = float(report["clean_accuracy"])
+        logs["val_robust_accuracy"] = float(report["robust_accuracy"])
+
+
+class BestCheckpoint(keras.callbacks.Callback):
+    """Keeps the base classifier's weights with the best ``monitor`` value.
+
+    Saves ``best.weights.h5`` and ``best.json`` (value, epoch) in ``model_dir``;
+    on a resumed run the best value so far is read back from ``best.json``.
+    """
+
+    def __init__(self, model_dir, monitor="val_robust_accuracy",
+                 is_chief=True):
+        super().__init__()
+        self.monitor = monitor
+        self.is_chief = is_chief
+        self.weights_path = os.path.join(model_dir, "best.weights.h5")
+        self.info_path = os.path.join(model_dir, "best.json")
+        self.best = -math.inf
+        self.best_epoch = None
+
+    def on_train_begin(self, logs=None):
+        if os.path.exists(self.info_path) and os.path.exists(self.weights_path):
+            with open(self.info_path) as f:
+                info = json.load(f)
+            self.best, self.best_epoch = info["value"], info["epoch"]
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is None or not math.isfinite(value) or value <= self.best:
+            return
+        self.best, self.best_epoch = float(value), epoch + 1
+        if self.is_chief:
+            self.model.base_model.save_weights(self.weights_path)
+            _atomic_write_json(self.info_path, {
+                "monitor": self.monitor, "value": self.best,
+                "epoch": self.best_epoch})
+
+
+class RunLog(keras.callbacks.Callback):
+    """Adds ``learning_rate``, ``examples_per_second`` and cumulative
+    ``grad_evals`` (forward+backward passes per example, summed over examples)
+    to the epoch logs, and appends every epoch's logs to ``metrics.jsonl``."""
+
+    def __init__(self, model_dir, global_batch_size, grad_evals_per_example,
+                 is_chief=True):
+        super().__init__()
+        self.path = os.path.join(model_dir, "metrics.jsonl")
+        self.global_batch_size = global_batch_size
+        self.grad_evals_per_example = grad_evals_per_example
+        self.is_chief = is_chief
+        self._start = None
+        self._start_step = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+        self._start_step = int(self.model.optimizer.iterations.numpy())
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        opt = self.model.optimizer
+        step = int(opt.iterations.numpy())
+        seconds = time.perf_counter() - self._start
+        examples = (step - self._start_step) * self.global_batch_size
+        logs["learning_rate"] = float(keras.ops.convert_to_numpy(
+            opt.learning_rate))
+        logs["examples_per_second"] = examples / max(seconds, 1e-9)
+        logs["epoch_seconds"] = seconds
+        logs["grad_evals"] = float(step * self.global_batch_size
+                                   * self.grad_evals_per_example)
+        if self.is_chief:
+            record = {"epoch": epoch + 1, "step": step}
+            record.update({k: float(v) for k, v in logs.items()})
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+class AdversarialImages(keras.callbacks.Callback):
+    """Writes a TensorBoard image grid: clean inputs (top row), PGD
+    adversarial inputs, and perturbations mapped from [-eps, eps] to [0, 1]."""
+
+    def __init__(self, log_dir, x, y, epsilon, steps=10, every=1):
+        super().__init__()
+        self.x = tf.constant(x[:8])
+        self.y = tf.constant(y[:8])
+        self.epsilon, self.steps, self.every = epsilon, steps, every
+        self.writer = tf.summary.create_file_writer(
+            os.path.join(log_dir, "images"))
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.every <= 0 or (epoch + 1) % self.every:
+            return
+        base = self.model.base_model
+        x_adv = attacks.pgd(lambda t: base(t, training=False), self.x, self.y,
+                            self.epsilon, 2.5 * self.epsilon / self.steps,
+                            self.steps, seed=epoch)
+        delta = (x_adv - self.x) / (2.0 * self.epsilon) + 0.5
+        rows = [tf.concat(tf.unstack(t), axis=1)
+                for t in (self.x, x_adv, delta)]
+        grid = tf.clip_by_value(tf.concat(rows, axis=0)[None], 0.0, 1.0)
+        with self.writer.as_default():
+            tf.summary.image("clean_adversarial_perturbation", grid,
+                             step=epoch + 1)
+        self.writer.flush()
+
+
+class NaNGuard(keras.callbacks.TerminateOnNaN):
+    """``TerminateOnNaN`` that records the event, so that the run keeps the
+    last good backup instead of deleting it and reports the failure."""
+
+    def __init__(self):
+        super().__init__()
+        self.hit = False
+
+    def on_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(float(loss)):
+            self.hit = True
+        super().on_batch_end(batch, logs)
+
+
+class Backup(keras.callbacks.BackupAndRestore):
+    """``BackupAndRestore`` (double-checkpointed, so a kill during a save
+    falls back to the previous one) that keeps its files after a NaN stop."""
+
+    def __init__(self, backup_dir, nan_guard):
+        super().__init__(backup_dir, save_freq="epoch", double_checkpoint=True,
+                         delete_checkpoint=True)
+        self.nan_guard = nan_guard
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.nan_guard.hit:
+            super().on_epoch_end(epoch, logs)
+
+    def on_train_end(self, logs=None):
+        if not self.nan_guard.hit:
+            super().on_train_end(logs)

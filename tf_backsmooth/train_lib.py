@@ -1,0 +1,426 @@
+"""One training run from a frozen :class:`~tf_backsmooth.config.TrainConfig`.
+
+``run(config)`` does, in order, and fails before any training on bad input:
+
+1. checks the run directory (a finished run is never overwritten without
+   ``overwrite=True``; a different config never resumes into it);
+2. loads the data (clear :class:`~tf_backsmooth.data.DataError` otherwise);
+3. builds strategy, model, optimizer and schedule, and compiles;
+4. writes ``config.json`` and ``manifest.json`` (versions, devices, XLA state
+   actually used, seed);
+5. trains with robust validation, best-checkpoint selection, backup/resume,
+   TensorBoard and NaN handling;
+6. evaluates the selected weights on the test split (clean + PGD) and writes
+   ``results.json`` and the exported classifier ``model.keras``.
+
+No absl flags are read here; ``bin/train`` builds the config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+
+import numpy as np
+
+from tf_backsmooth import config as config_lib
+
+log = logging.getLogger("tf_backsmooth")
+
+RESULTS = "results.json"
+CONFIG = "config.json"
+MANIFEST = "manifest.json"
+BACKUP = "backup"
+
+
+class RunError(RuntimeError):
+    """The run cannot start or finish; the message says why and what to do."""
+
+
+# ----------------------------------------------------------------- run dir
+def _config_payload(config):
+    payload = config_lib.as_dict(config)
+    # Fields that may change between a run and its resumption.
+    for key in ("verbose", "overwrite"):
+        payload.pop(key, None)
+    return payload
+
+
+def prepare_model_dir(config, is_chief=True):
+    """Checks (and creates) the run directory; returns whether it resumes."""
+    model_dir = config.model_dir
+    results = os.path.join(model_dir, RESULTS)
+    config_path = os.path.join(model_dir, CONFIG)
+    if os.path.exists(model_dir) and not os.path.isdir(model_dir):
+        raise RunError(f"model_dir {model_dir!r} exists and is not a directory")
+    if os.path.exists(results):
+        if not config.overwrite:
+            raise RunError(
+                f"model_dir {model_dir!r} already holds a finished run "
+                f"({RESULTS}); pass --overwrite to replace it or choose "
+                "another --model_dir")
+        if is_chief:
+            shutil.rmtree(model_dir)
+    elif os.path.exists(config_path):
+        with open(config_path) as f:
+            previous = json.load(f)
+        current = json.loads(json.dumps(_config_payload(config)))
+        if previous != current:
+            changed = sorted(k for k in set(previous) | set(current)
+                             if previous.get(k) != current.get(k))
+            raise RunError(
+                f"model_dir {model_dir!r} holds an unfinished run with a "
+                f"different configuration (differs in: {', '.join(changed)}); "
+                "use the same flags to resume, or another --model_dir")
+    resuming = os.path.exists(os.path.join(model_dir, BACKUP))
+    if is_chief:
+        os.makedirs(model_dir, exist_ok=True)
+    return resuming
+
+
+def _write_json(path, payload):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, path)
+
+
+def _initial_epoch(model_dir):
+    """The epoch BackupAndRestore will resume from (0 for a new run)."""
+    for name in ("training_metadata.json", "training_metadata.json.bkp"):
+        path = os.path.join(model_dir, BACKUP, name)
+        if os.path.exists(path):
+            try:
+                with open(path) as f:
+                    return int(json.load(f)["epoch"])
+            except (ValueError, KeyError):
+                continue
+    return 0
+
+
+def _total_epoch_seconds(model_dir):
+    """Training time summed over epochs of all processes of this run."""
+    path = os.path.join(model_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    by_epoch = {}
+    with open(path) as f:
+        for line in f:
+            record = json.loads(line)
+            by_epoch[record["epoch"]] = record.get("epoch_seconds", 0.0)
+    return float(sum(by_epoch.values()))
+
+
+# -------------------------------------------------------------------- data
+def train_dataset(x, y, info, batch_size, seed, first_epoch, epochs, augment):
+    """Training batches for epochs ``first_epoch .. epochs-1``.
+
+    Epoch ``e``'s order is a permutation keyed on ``(seed, e)`` (not on how
+    many epochs this process has run), so a resumed run sees exactly the
+    batches of an uninterrupted one. Incomplete final batches are dropped, so
+    every step has the global batch size.
+    """
+    import tensorflow as tf
+
+    from tf_backsmooth import data as data_lib
+    from tf_backsmooth import rng
+
+    n = len(y)
+    steps = n // batch_size
+    if steps == 0:
+        raise RunError(f"batch_size={batch_size} is larger than the "
+                       f"{n} training examples")
+    images = tf.constant(x)
+    labels = tf.constant(y.astype(np.int32))
+
+    def epoch_indices(epoch):
+        order = tf.argsort(rng.uniform([n], rng.fold_in(seed, epoch)))
+        return tf.data.Dataset.from_tensor_slices(
+            order[: steps * batch_size]).batch(batch_size)
+
+    ds = tf.data.Dataset.range(first_epoch, epochs).flat_map(epoch_indices)
+    ds = ds.enumerate(start=first_epoch * steps)
+
+    def load(step, index):
+        batch = tf.gather(images, index)
+        if augment:
+            batch = data_lib._augment(
+                batch, rng.fold_in(rng.fold_in(seed, 7), step),
+                data_lib.CROP_PADDING, info.hflip)
+        return tf.cast(batch, tf.float32) / 255.0, tf.gather(labels, index)
+
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.prefetch(tf.data.AUTOTUNE), steps
+
+
+def _to_float(x):
+    return x.astype(np.float32) / 255.0
+
+
+def load_data(config):
+    """All arrays of a run; raises DataError before any model is built."""
+    from tf_backsmooth import data as data_lib
+
+    info = data_lib.get_info(config.dataset)
+    train = data_lib.load_arrays(config.dataset, "train", config.data_dir,
+                                 config.validation_size,
+                                 num_examples=config.num_train_examples)
+    val = None
+    if config.eval_every:
+        val_size = (info.validation_size if config.validation_size is None
+                    else config.validation_size)
+        if val_size == 0:
+            raise config_lib.ConfigError(
+                "eval_every > 0 needs a validation split: set validation_size "
+                "> 0 or eval_every=0")
+        val = data_lib.load_arrays(config.dataset, "validation",
+                                   config.data_dir, config.validation_size,
+                                   num_examples=min(config.eval_examples,
+                                                    val_size))
+    test = data_lib.load_arrays(config.dataset, "test", config.data_dir,
+                                num_examples=config.test_examples)
+    return info, train, val, test
+
+
+# ----------------------------------------------------------------- building
+def make_schedule(config, steps_per_epoch):
+    import keras
+
+    total = config.epochs * steps_per_epoch
+    lr = config.lr
+    if config.lr_schedule == "constant":
+        return lr
+    if config.lr_schedule == "piecewise":
+        bounds = [max(1, int(total * 0.5)), max(2, int(total * 0.75))]
+        return keras.optimizers.schedules.PiecewiseConstantDecay(
+            bounds, [lr, lr / 10, lr / 100])
+    if config.lr_schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(lr, max(total, 1))
+    # cyclic: linear 0 -> lr over the first 40%, then lr -> 0 (Wong et al.).
+    return CyclicSchedule(lr, total)
+
+
+def _cyclic_class():
+    import keras
+
+    @keras.saving.register_keras_serializable("tf_backsmooth")
+    class _CyclicSchedule(keras.optimizers.schedules.LearningRateSchedule):
+        """Triangular one-cycle schedule: 0 -> peak at 40% -> 0 at the end."""
+
+        def __init__(self, peak, total_steps):
+            self.peak, self.total_steps = float(peak), int(max(total_steps, 1))
+
+        def __call__(self, step):
+            step = keras.ops.cast(step, "float32")
+            up = self.total_steps * 0.4
+            rise = step / up
+            fall = (self.total_steps - step) / (self.total_steps - up)
+            return self.peak * keras.ops.clip(
+                keras.ops.minimum(rise, fall), 0.0, 1.0)
+
+        def get_config(self):
+            return {"peak": self.peak, "total_steps": self.total_steps}
+
+    return _CyclicSchedule
+
+
+def CyclicSchedule(peak, total_steps):  # noqa: N802
+    return _cyclic_class()(peak, total_steps)
+
+
+def make_optimizer(config, steps_per_epoch):
+    import keras
+
+    schedule = make_schedule(config, steps_per_epoch)
+    # Weight decay is Keras' decoupled form (w -= lr * wd * w) for every
+    # optimizer; the PyTorch references add wd * w to the gradient before
+    # momentum instead. See BUILD_NOTES.md.
+    wd = config.weight_decay or None
+    if config.optimizer == "sgd":
+        return keras.optimizers.SGD(schedule, momentum=config.momentum,
+                                    weight_decay=wd)
+    if config.optimizer == "adam":
+        return keras.optimizers.Adam(schedule, weight_decay=wd)
+    return keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay)
+
+
+def build_model(config, info):
+    """Base classifier + RobustModel (call under the strategy scope)."""
+    import keras
+
+    from tf_backsmooth import models
+    from tf_backsmooth.robust_model import RobustModel
+
+    keras.utils.set_random_seed(config.seed)
+    base = models.get(config.model, info.num_classes, info.input_shape,
+                      mean=info.mean, std=info.std)
+    attack_kw = {}
+    if config.method != "natural":
+        attack_kw = dict(epsilon=config.epsilon, step_size=config.step_size,
+                         steps=config.steps)
+    return RobustModel(base, method=config.method, gamma=config.gamma,
+                       beta=config.beta, seed=config.seed, **attack_kw,
+                       **dict(config.method_kwargs))
+
+
+def manifest(config, model, strategy_name, num_replicas):
+    import keras
+    import tensorflow as tf
+
+    from tf_backsmooth import __version__
+
+    return {
+        "tf_backsmooth": __version__,
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "devices": [d.name for d in tf.config.list_logical_devices()],
+        "strategy": strategy_name,
+        "num_replicas": num_replicas,
+        "xla": {"requested": str(config.jit_compile), "used": model.xla,
+                "reason": model.xla_reason},
+        "seed": config.seed,
+        "method": config.method,
+        "params": config_lib.as_dict(model.params),
+        "command": " ".join(sys.argv),
+    }
+
+
+def make_callbacks(config, model, val, global_batch, is_chief=True):
+    import keras
+
+    from tf_backsmooth import callbacks as cb
+
+    nan_guard = cb.NaNGuard()
+    out = []
+    if val is not None:
+        x_val = _to_float(val[0])
+        out.append(cb.RobustValidation(
+            x_val, val[1], config.epsilon, steps=config.eval_pgd_steps,
+            every=config.eval_every, seed=config.seed,
+            total_epochs=config.epochs))
+        out.append(cb.BestCheckpoint(config.model_dir, is_chief=is_chief))
+    out.append(cb.RunLog(config.model_dir, global_batch,
+                         model.method.grad_evals(model.params),
+                         is_chief=is_chief))
+    if config.tensorboard and is_chief:
+        log_dir = os.path.join(config.model_dir, "tensorboard")
+        out.append(keras.callbacks.TensorBoard(log_dir, write_graph=False,
+                                               update_freq="epoch"))
+        if config.image_summaries and val is not None:
+            out.append(cb.AdversarialImages(
+                log_dir, _to_float(val[0]), val[1], config.epsilon,
+                steps=config.eval_pgd_steps, every=config.eval_every or 1))
+    out.append(nan_guard)
+    out.append(cb.Backup(os.path.join(config.model_dir, BACKUP), nan_guard))
+    return out, nan_guard
+
+
+# --------------------------------------------------------------------- run
+def run(config, strategy=None, is_chief=True, flags_text=None):
+    """Trains and evaluates; returns the results dict (also in results.json).
+
+    ``flags_text`` (the command's flagfile) is saved as ``flags.txt``.
+    """
+    import keras
+    import tensorflow as tf
+
+    from tf_backsmooth import distribute
+    from tf_backsmooth import evaluation
+
+    started = time.time()
+    prepare_model_dir(config, is_chief)
+    info, train, val, test = load_data(config)  # fails fast on bad data
+    if strategy is None:
+        strategy = distribute.get_strategy(config.strategy,
+                                           config.num_cpu_devices)
+    num_replicas = strategy.num_replicas_in_sync
+    distribute.check_batch_size(config.batch_size, num_replicas)
+    keras.config.set_dtype_policy(config.dtype_policy)
+
+    first_epoch = _initial_epoch(config.model_dir)
+    augment = info.augment
+    train_ds, steps = train_dataset(train[0], train[1], info,
+                                    config.batch_size, config.seed,
+                                    first_epoch, config.epochs, augment)
+    with strategy.scope():
+        model = build_model(config, info)
+        model.compile(optimizer=make_optimizer(config, steps),
+                      jit_compile=config.jit_compile)
+        model.build((None,) + tuple(info.input_shape))
+    if is_chief:
+        if flags_text is not None:
+            with open(os.path.join(config.model_dir, "flags.txt"), "w") as f:
+                f.write(flags_text)
+        _write_json(os.path.join(config.model_dir, CONFIG),
+                    _config_payload(config))
+        _write_json(os.path.join(config.model_dir, MANIFEST),
+                    manifest(config, model, config.strategy, num_replicas))
+    log.info("training %s/%s on %s: %d steps/epoch, %d replica(s), XLA %s "
+             "(%s), starting at epoch %d", config.method, config.model,
+             config.dataset, steps, num_replicas,
+             "on" if model.xla else "off", model.xla_reason, first_epoch)
+    callbacks, nan_guard = make_callbacks(config, model, val,
+                                          config.batch_size, is_chief)
+    train_start = time.time()
+    if first_epoch < config.epochs:
+        model.fit(train_ds, epochs=config.epochs, steps_per_epoch=steps,
+                  initial_epoch=first_epoch, callbacks=callbacks,
+                  verbose=config.verbose if is_chief else 0)
+    train_seconds = _total_epoch_seconds(config.model_dir)
+    if train_seconds is None:
+        train_seconds = time.time() - train_start
+
+    selected = "last"
+    best_path = os.path.join(config.model_dir, "best.weights.h5")
+    if nan_guard.hit:
+        backup = os.path.join(config.model_dir, BACKUP, "latest.weights.h5")
+        if os.path.exists(best_path):
+            model.base_model.load_weights(best_path)
+            selected = "best (after NaN)"
+        elif os.path.exists(backup):
+            model.load_weights(backup)
+            selected = "last good epoch (after NaN)"
+        else:
+            raise RunError("the loss became NaN in the first epoch; nothing "
+                           "to keep. Lower --lr or check the data.")
+    elif val is not None and os.path.exists(best_path):
+        model.base_model.load_weights(best_path)
+        selected = "best"
+
+    x_test = _to_float(test[0])
+    report = evaluation.evaluate(model.base_model, x_test, test[1],
+                                 [config.epsilon], attacks=("pgd",),
+                                 pgd_steps=config.test_pgd_steps,
+                                 seed=config.seed)
+    results = {
+        "clean_accuracy": float(report["clean_accuracy"]),
+        "robust_accuracy": float(report["robust_accuracy"]),
+        "robust_attack": f"PGD-{config.test_pgd_steps} (CE, random start, "
+                         f"step 2.5*eps/{config.test_pgd_steps})",
+        "epsilon": config.epsilon,
+        "test_examples": int(len(test[1])),
+        "selected_weights": selected,
+        "epochs": config.epochs,
+        "train_seconds": train_seconds,
+        "wall_seconds_this_process": time.time() - started,
+        "grad_evals": float(int(model.optimizer.iterations.numpy())
+                            * config.batch_size
+                            * model.method.grad_evals(model.params)),
+        "grad_evals_per_example_per_step": model.method.grad_evals(model.params),
+        "steps": int(model.optimizer.iterations.numpy()),
+        "nan_stop": nan_guard.hit,
+        "xla": model.xla,
+        "warnings": report.get("warnings", []),
+    }
+    if is_chief:
+        model.save(os.path.join(config.model_dir, "model.keras"))
+        _write_json(os.path.join(config.model_dir, RESULTS), results)
+    return results
