@@ -48,3 +48,17 @@ def run_in_mode(fn, mode):
     if mode == "eager":
         return fn()
     return tf.function(fn, jit_compile=(mode == "xla"))()
+
+
+_TWO_REPLICAS = []
+
+
+def two_replica_strategy():
+    """One shared 2-replica MirroredStrategy on the two logical CPUs.
+
+    Shared because several MirroredStrategy objects in one process can reuse
+    collective instance keys and abort each other's all-reduces.
+    """
+    if not _TWO_REPLICAS:
+        _TWO_REPLICAS.append(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
+    return _TWO_REPLICAS[0]

@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 
 import reference as ref
+from conftest import two_replica_strategy
 from tf_backsmooth import objectives
 
 
@@ -43,7 +44,7 @@ def test_replica_mean_divides_by_global_batch():
 
 
 def test_replica_mean_uses_strategy_replica_count():
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = two_replica_strategy()
     v = tf.constant([2.0, 4.0])
     per_replica = strategy.run(lambda: objectives.replica_mean(v))
     total = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
