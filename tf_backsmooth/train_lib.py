@@ -150,7 +150,7 @@ def train_dataset(x, y, info, batch_size, seed, first_epoch, epochs, augment):
     def load(step, index):
         batch = tf.gather(images, index)
         if augment:
-            batch = data_lib._augment(
+            batch = data_lib.augment_batch(
                 batch, rng.fold_in(rng.fold_in(seed, 7), step),
                 data_lib.CROP_PADDING, info.hflip)
         return tf.cast(batch, tf.float32) / 255.0, tf.gather(labels, index)
