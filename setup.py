@@ -33,11 +33,12 @@ setup(
         "tensorflow-datasets>=4.9",
         "importlib_resources",  # needed by tensorflow-datasets, undeclared there
         "matplotlib>=3.7",
+        "tensorboard",  # not pulled in by tensorflow-cpu 2.21; needed for tf.summary
     ],
     extras_require={
         "cpu": ["tensorflow-cpu>=2.16"],
         "gpu": ["tensorflow[and-cuda]>=2.16"],
-        "test": ["pytest>=7", "pytest-timeout>=2"],
+        "test": ["pytest>=7", "pytest-timeout>=2", "foolbox>=3.3", "scipy"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -10,6 +10,8 @@ starts with the field name) names the flag.
 
 from __future__ import annotations
 
+import sys
+
 from absl import flags
 
 from tf_backsmooth import config as config_lib
@@ -20,82 +22,91 @@ _DEFAULTS = config_lib.TrainConfig()
 _METHOD_KWARGS = ("random_start", "lambda_", "init_scale", "attack_training")
 
 
-def define_flags():
+def define_flags(flag_values=flags.FLAGS):
+    """Registers bin/train's flags on ``flag_values`` (a fresh FlagValues in
+    tests)."""
     d = _DEFAULTS
+    fv = flag_values
     # Data.
-    flags.DEFINE_enum("dataset", d.dataset, config_lib.DATASETS, "Dataset.")
-    flags.DEFINE_string(
+    _define(fv, flags.DEFINE_enum, "dataset", d.dataset, config_lib.DATASETS, "Dataset.")
+    _define(fv, flags.DEFINE_string, 
         "data_dir", None,
         "Folder with the canonical offline files (IDX .gz for (fashion_)mnist, "
         "CIFAR python batches) or a tensorflow-datasets data_dir. Default: "
         "known offline locations, then tfds' default folder.")
-    flags.DEFINE_integer("validation_size", None,
+    _define(fv, flags.DEFINE_integer, "validation_size", None,
                          "Training examples held out for model selection "
                          "(default: the dataset's).")
-    flags.DEFINE_integer("num_train_examples", None,
+    _define(fv, flags.DEFINE_integer, "num_train_examples", None,
                          "Train on the first N training examples only.")
     # Model and method.
-    flags.DEFINE_enum("model", d.model, config_lib.MODELS, "Classifier.")
-    flags.DEFINE_enum("method", d.method, config_lib.METHODS,
+    _define(fv, flags.DEFINE_enum, "model", d.model, config_lib.MODELS, "Classifier.")
+    _define(fv, flags.DEFINE_enum, "method", d.method, config_lib.METHODS,
                       "Robust-training method.")
-    flags.DEFINE_float("epsilon", d.epsilon,
+    _define(fv, flags.DEFINE_float, "epsilon", d.epsilon,
                        "L-inf budget in pixel units (inputs in [0, 1]).")
-    flags.DEFINE_float("step_size", None,
+    _define(fv, flags.DEFINE_float, "step_size", None,
                        "Attack step size (default: the method's).")
-    flags.DEFINE_integer("steps", None, "Attack steps (default: the method's).")
-    flags.DEFINE_float("gamma", None, "Backward Smoothing logit-noise scale "
+    _define(fv, flags.DEFINE_integer, "steps", None, "Attack steps (default: the method's).")
+    _define(fv, flags.DEFINE_float, "gamma", None, "Backward Smoothing logit-noise scale "
                        "(default 1).")
-    flags.DEFINE_float("beta", None, "TRADES/BS KL weight (default 6).")
-    flags.DEFINE_bool("random_start", None, "Random start (pgd_at, fgsm_rs, "
+    _define(fv, flags.DEFINE_float, "beta", None, "TRADES/BS KL weight (default 6).")
+    _define(fv, flags.DEFINE_bool, "random_start", None, "Random start (pgd_at, fgsm_rs, "
                       "gradalign).")
-    flags.DEFINE_float("lambda_", None, "GradAlign regulariser weight.")
-    flags.DEFINE_float("init_scale", None, "FGSM-family noise radius in units "
+    _define(fv, flags.DEFINE_float, "lambda_", None, "GradAlign regulariser weight.")
+    _define(fv, flags.DEFINE_float, "init_scale", None, "FGSM-family noise radius in units "
                        "of epsilon (n_fgsm: 2).")
-    flags.DEFINE_bool("attack_training", None, "Run the attack in training "
+    _define(fv, flags.DEFINE_bool, "attack_training", None, "Run the attack in training "
                       "mode (default: the method's reference mode).")
     # Optimisation.
-    flags.DEFINE_integer("epochs", d.epochs, "Training epochs.")
-    flags.DEFINE_integer("batch_size", d.batch_size,
+    _define(fv, flags.DEFINE_integer, "epochs", d.epochs, "Training epochs.")
+    _define(fv, flags.DEFINE_integer, "batch_size", d.batch_size,
                          "GLOBAL batch size (split across replicas).")
-    flags.DEFINE_enum("optimizer", d.optimizer, config_lib.OPTIMIZERS,
+    _define(fv, flags.DEFINE_enum, "optimizer", d.optimizer, config_lib.OPTIMIZERS,
                       "Optimizer.")
-    flags.DEFINE_float("lr", d.lr, "Peak learning rate.")
-    flags.DEFINE_float("momentum", d.momentum, "SGD momentum.")
-    flags.DEFINE_enum("lr_schedule", d.lr_schedule, config_lib.LR_SCHEDULES,
+    _define(fv, flags.DEFINE_float, "lr", d.lr, "Peak learning rate.")
+    _define(fv, flags.DEFINE_float, "momentum", d.momentum, "SGD momentum.")
+    _define(fv, flags.DEFINE_enum, "lr_schedule", d.lr_schedule, config_lib.LR_SCHEDULES,
                       "piecewise: /10 at 50% and 75% of training (the paper); "
                       "cyclic: linear up to lr at 40% then down to 0; cosine.")
-    flags.DEFINE_float("weight_decay", d.weight_decay,
+    _define(fv, flags.DEFINE_float, "weight_decay", d.weight_decay,
                        "L2 weight decay (coupled, as in the reference code).")
     # Run.
-    flags.DEFINE_string("model_dir", d.model_dir, "Run directory.")
-    flags.DEFINE_bool("overwrite", d.overwrite,
+    _define(fv, flags.DEFINE_string, "model_dir", d.model_dir, "Run directory.")
+    _define(fv, flags.DEFINE_bool, "overwrite", d.overwrite,
                       "Replace a finished run in model_dir.")
-    flags.DEFINE_integer("seed", d.seed, "Seed for init, data order, noise.")
-    flags.DEFINE_enum("jit_compile", "auto", ["true", "false", "auto"],
+    _define(fv, flags.DEFINE_integer, "seed", d.seed, "Seed for init, data order, noise.")
+    _define(fv, flags.DEFINE_enum, "jit_compile", "auto", ["true", "false", "auto"],
                       "XLA for the per-replica attack+loss+gradient function.")
-    flags.DEFINE_integer("eval_every", d.eval_every,
+    _define(fv, flags.DEFINE_integer, "eval_every", d.eval_every,
                          "Robust validation every N epochs (0: never).")
-    flags.DEFINE_integer("eval_examples", d.eval_examples,
+    _define(fv, flags.DEFINE_integer, "eval_examples", d.eval_examples,
                          "Validation examples for the robust evaluation.")
-    flags.DEFINE_integer("eval_pgd_steps", d.eval_pgd_steps,
+    _define(fv, flags.DEFINE_integer, "eval_pgd_steps", d.eval_pgd_steps,
                          "PGD steps of the validation robust evaluation.")
-    flags.DEFINE_integer("test_examples", None,
+    _define(fv, flags.DEFINE_integer, "test_examples", None,
                          "Test examples for the final report (default: all).")
-    flags.DEFINE_integer("test_pgd_steps", d.test_pgd_steps,
+    _define(fv, flags.DEFINE_integer, "test_pgd_steps", d.test_pgd_steps,
                          "PGD steps of the final test evaluation.")
-    flags.DEFINE_enum("strategy", d.strategy, config_lib.STRATEGIES,
+    _define(fv, flags.DEFINE_enum, "strategy", d.strategy, config_lib.STRATEGIES,
                       "Distribution strategy.")
-    flags.DEFINE_integer("num_cpu_devices", d.num_cpu_devices,
+    _define(fv, flags.DEFINE_integer, "num_cpu_devices", d.num_cpu_devices,
                          "With --strategy=mirrored and no GPU: split the CPU "
                          "into N logical devices (testing).")
-    flags.DEFINE_enum("dtype_policy", d.dtype_policy, config_lib.DTYPE_POLICIES,
+    _define(fv, flags.DEFINE_enum, "dtype_policy", d.dtype_policy, config_lib.DTYPE_POLICIES,
                       "Keras dtype policy.")
-    flags.DEFINE_bool("sync_batchnorm", d.sync_batchnorm,
+    _define(fv, flags.DEFINE_bool, "sync_batchnorm", d.sync_batchnorm,
                       "Synchronise BatchNorm statistics across replicas.")
-    flags.DEFINE_bool("tensorboard", d.tensorboard, "Write TensorBoard events.")
-    flags.DEFINE_bool("image_summaries", d.image_summaries,
+    _define(fv, flags.DEFINE_bool, "tensorboard", d.tensorboard, "Write TensorBoard events.")
+    _define(fv, flags.DEFINE_bool, "image_summaries", d.image_summaries,
                       "Write clean/adversarial image grids to TensorBoard.")
-    flags.DEFINE_integer("verbose", d.verbose, "Keras verbosity: 0, 1, 2.")
+    _define(fv, flags.DEFINE_integer, "verbose", None, "Keras verbosity: 0 silent, 1 "
+                         "progress bar, 2 one line per epoch (default: 1 on a "
+                         "terminal, else 2).")
+
+
+def _define(fv, definer, *args, **kwargs):
+    return definer(*args, flag_values=fv, **kwargs)
 
 
 def config_from_flags(FLAGS) -> config_lib.TrainConfig:  # noqa: N803
@@ -103,6 +114,8 @@ def config_from_flags(FLAGS) -> config_lib.TrainConfig:  # noqa: N803
     fields = {f.name for f in config_lib.dataclasses.fields(config_lib.TrainConfig)}
     values = {name: FLAGS[name].value for name in fields
               if name in FLAGS and name != "method_kwargs"}
+    if values.get("verbose") is None:
+        values["verbose"] = 1 if sys.stdout.isatty() else 2
     values["jit_compile"] = {"true": True, "false": False,
                              "auto": "auto"}[FLAGS.jit_compile]
     values["method_kwargs"] = {k: FLAGS[k].value for k in _METHOD_KWARGS
@@ -113,8 +126,8 @@ def config_from_flags(FLAGS) -> config_lib.TrainConfig:  # noqa: N803
 def flags_text(FLAGS) -> str:  # noqa: N803
     """The run's flags as a flagfile (only this module's flags)."""
     lines = []
-    for name in sorted(FLAGS.get_key_flags_for_module(__name__),
+    for flag in sorted(FLAGS.get_key_flags_for_module(__name__),
                        key=lambda f: f.name):
-        if name.value is not None:
-            lines.append(name.serialize())
+        if flag.value is not None:
+            lines.append(flag.serialize())
     return "\n".join(lines) + "\n"

@@ -62,6 +62,20 @@ def resolve_xla(request):
     return True, "auto: GPU present"
 
 
+_BATCH_STAT_LAYERS = (keras.layers.BatchNormalization,)
+
+
+class _ModelFn:
+    """``x -> base_model(x, training)``, tagged for methods.forward_pair."""
+
+    def __init__(self, model, training, batch_independent):
+        self.model, self.training = model, training
+        self.batch_independent = batch_independent
+
+    def __call__(self, x):
+        return self.model(x, training=self.training)
+
+
 class RobustModel(keras.Model):
     """Wraps a classifier (``[0, 1]`` images -> logits) for robust training.
 
@@ -113,6 +127,11 @@ class RobustModel(keras.Model):
         self.xla = False
         self.xla_reason = "not compiled"
         self._step_fn = None
+        # Whether one call on a concatenated batch equals two calls (no
+        # layer computes batch statistics); see methods.forward_pair.
+        self.batch_independent = not any(
+            isinstance(layer, _BATCH_STAT_LAYERS)
+            for layer in base_model._flatten_layers())
 
     # ------------------------------------------------------------------ Keras
     def call(self, inputs, training=False):
@@ -172,7 +191,7 @@ class RobustModel(keras.Model):
         num_replicas = tf.distribute.get_strategy().num_replicas_in_sync
         attack_fn = lambda t: self.base_model(  # noqa: E731
             t, training=params.get("attack_training"))
-        train_fn = lambda t: self.base_model(t, training=True)  # noqa: E731
+        train_fn = _ModelFn(self.base_model, True, self.batch_independent)
 
         if method.attack is not None:
             out = method.attack(attack_fn, x, y, params,

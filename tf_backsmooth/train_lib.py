@@ -372,7 +372,7 @@ def run(config, strategy=None, is_chief=True, flags_text=None):
     train_start = time.time()
     if first_epoch < config.epochs:
         model.fit(train_ds, epochs=config.epochs, steps_per_epoch=steps,
-                  initial_epoch=first_epoch, callbacks=callbacks,
+                  initial_epoch=first_epoch, callbacks=callbacks, shuffle=False,
                   verbose=config.verbose if is_chief else 0)
     train_seconds = _total_epoch_seconds(config.model_dir)
     if train_seconds is None:

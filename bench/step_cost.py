@@ -1,0 +1,104 @@
+#!/usr/bin/env python3
+"""Training-step cost of every method, as ratios measured in one run.
+
+    python bench/step_cost.py [--model=small_cnn] [--batch_size=128]
+        [--modes=graph,xla] [--steps=20] [--rounds=3] [--methods=...]
+
+For each (mode, method) a RobustModel is compiled and warmed up; then the
+methods are timed in interleaved rounds (each round runs every method for
+``--steps`` steps) so that slow drifts of the machine hit all methods alike.
+The reported time is the median over rounds. Prints steps/s, ms/step, and the
+ratio to ``natural`` in the same mode, plus the two headline ratios
+TRADES-10 / BS and BS / natural. ``--json`` writes the table.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from tf_backsmooth import methods, models  # noqa: E402
+from tf_backsmooth.robust_model import RobustModel  # noqa: E402
+
+SHAPES = {"small_cnn": (28, 28, 1), "mnist_cnn": (28, 28, 1), "mlp": (28, 28, 1),
+          "preact_resnet18": (32, 32, 3), "resnet18": (32, 32, 3),
+          "wide_resnet": (32, 32, 3)}
+EPS = {(28, 28, 1): 0.3, (32, 32, 3): 8 / 255}
+
+
+def build(method, model_name, batch_size, jit):
+    shape = SHAPES[model_name]
+    keras.utils.set_random_seed(0)
+    base = models.get(model_name, 10, shape)
+    kw = {} if method == "natural" else {"epsilon": EPS[shape]}
+    if method in ("pgd_at", "trades"):
+        kw["steps"] = 10
+    model = RobustModel(base, method=method, **kw)
+    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), jit_compile=jit)
+    rs = np.random.RandomState(0)
+    x = rs.rand(batch_size * 4, *shape).astype(np.float32)
+    y = rs.randint(0, 10, batch_size * 4)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size, drop_remainder=True)
+    ds = ds.cache().repeat().prefetch(4)
+    model.fit(ds, steps_per_epoch=3, epochs=1, verbose=0)  # trace + warm up
+    return model, ds
+
+
+def time_steps(model, ds, steps):
+    start = time.perf_counter()
+    model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0)
+    return (time.perf_counter() - start) / steps
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="small_cnn", choices=sorted(SHAPES))
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--modes", default="graph,xla")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--methods", default=",".join(methods.names()))
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    names = args.methods.split(",")
+    if "natural" not in names:
+        names.insert(0, "natural")
+    table = {}
+    for mode in args.modes.split(","):
+        built = {n: build(n, args.model, args.batch_size, mode == "xla") for n in names}
+        times = {n: [] for n in names}
+        for r in range(args.rounds):
+            for n in names:
+                times[n].append(time_steps(*built[n], args.steps))
+            print(f"[{mode}] round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+        table[mode] = {n: statistics.median(t) for n, t in times.items()}
+    print(f"\nmodel={args.model} batch={args.batch_size} steps={args.steps} "
+          f"rounds={args.rounds} TF {tf.__version__}, {os.cpu_count()} CPUs")
+    for mode, row in table.items():
+        print(f"\n{mode}:\n{'method':<20}{'ms/step':>10}{'steps/s':>10}{'x natural':>11}")
+        for n, sec in row.items():
+            print(f"{n:<20}{sec * 1e3:>10.1f}{1 / sec:>10.2f}{sec / row['natural']:>11.2f}")
+        if "trades" in row and "backward_smoothing" in row:
+            print(f"TRADES-10 / BS  = {row['trades'] / row['backward_smoothing']:.2f}")
+            print(f"BS / natural    = {row['backward_smoothing'] / row['natural']:.2f}")
+    if len(table) == 2 and "graph" in table and "xla" in table:
+        print("\nXLA / graph time per step:")
+        for n in names:
+            print(f"  {n:<20}{table['xla'][n] / table['graph'][n]:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "seconds_per_step": table}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

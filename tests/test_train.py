@@ -1,0 +1,210 @@
+"""bin/train: flag validation, run directory, resume after a kill, outputs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from absl import flags
+
+from conftest import REPO, shared_data_dir
+from tf_backsmooth import config as config_lib
+from tf_backsmooth import flags as tbs_flags
+
+TRAIN = [sys.executable, str(REPO / "bin" / "train")]
+
+
+def _parse(*argv):
+    fv = flags.FlagValues()
+    tbs_flags.define_flags(fv)
+    fv(["train", *argv])
+    return tbs_flags.config_from_flags(fv)
+
+
+# ------------------------------------------------------------ flag checking
+def test_defaults_parse_to_a_valid_config():
+    config = _parse()
+    assert config.method == "backward_smoothing" and config.jit_compile == "auto"
+    assert _parse("--jit_compile=true", "--lambda_=0.3", "--method=gradalign").method_kwargs == {"lambda_": 0.3}
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--epochs=0"], "epochs"), (["--epochs=-3"], "epochs"),
+    (["--batch_size=0"], "batch_size"), (["--lr=0"], "lr"), (["--lr=nan"], "lr"),
+    (["--lr=inf"], "lr"), (["--epsilon=0"], "epsilon"), (["--epsilon=8"], "epsilon"),
+    (["--epsilon=-0.1"], "epsilon"), (["--epsilon=nan"], "epsilon"),
+    (["--step_size=0"], "step_size"), (["--step_size=2"], "step_size"),
+    (["--steps=0"], "steps"), (["--gamma=-1"], "gamma"), (["--gamma=nan"], "gamma"),
+    (["--beta=-6"], "beta"), (["--beta=inf"], "beta"), (["--momentum=1"], "momentum"),
+    (["--weight_decay=-1e-4"], "weight_decay"), (["--seed=-1"], "seed"),
+    (["--eval_every=-1"], "eval_every"), (["--eval_examples=0"], "eval_examples"),
+    (["--eval_pgd_steps=0"], "eval_pgd_steps"), (["--test_examples=0"], "test_examples"),
+    (["--test_pgd_steps=0"], "test_pgd_steps"), (["--num_train_examples=0"], "num_train_examples"),
+    (["--validation_size=-5"], "validation_size"), (["--verbose=3"], "verbose"),
+    (["--num_cpu_devices=2"], "num_cpu_devices"), (["--model_dir="], "model_dir"),
+    (["--method=natural", "--steps=3"], "natural"),
+])
+def test_rejected_value_names_the_flag(argv, flag):
+    with pytest.raises(config_lib.ConfigError, match=flag):
+        _parse(*argv)
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--method=bogus"], "method"), (["--dataset=imagenet"], "dataset"),
+    (["--model=vgg"], "model"), (["--optimizer=rmsprop"], "optimizer"),
+    (["--lr_schedule=step"], "lr_schedule"), (["--strategy=tpu"], "strategy"),
+    (["--jit_compile=maybe"], "jit_compile"), (["--dtype_policy=float64"], "dtype_policy"),
+    (["--epochs=two"], "epochs"), (["--epsilon=abc"], "epsilon"),
+])
+def test_absl_rejects_bad_types_and_choices(argv, flag):
+    with pytest.raises(flags.IllegalFlagValueError, match=flag):
+        _parse(*argv)
+
+
+def _run(args, timeout=300, **kw):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run(TRAIN + args, capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=REPO, **kw)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--epochs=0"], "--epochs must be >= 1"),
+    (["--method=bogus"], "method"),
+    (["--dataset=mnist", "--data_dir=/nonexistent/mnist"], "/nonexistent/mnist"),
+    (["--batch_size=100000", "--dataset=mnist", "--num_train_examples=500"], "batch_size"),
+])
+def test_cli_errors_are_one_line_without_traceback(args, needle, tmp_path, mnist_dir):
+    args = [a.replace("--data_dir=/nonexistent", "--data_dir=/nonexistent") for a in args]
+    if "--dataset=mnist" in args and not any(a.startswith("--data_dir") for a in args):
+        args.append(f"--data_dir={mnist_dir}")
+    proc = _run(args + [f"--model_dir={tmp_path / 'run'}"], timeout=120)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert needle in proc.stderr
+
+
+# ------------------------------------------------------------- real runs
+def _tiny(model_dir, mnist_dir, *extra):
+    return [f"--data_dir={mnist_dir}", "--dataset=mnist", "--model=mlp",
+            "--method=backward_smoothing", "--epsilon=0.1", "--epochs=4",
+            "--batch_size=128", "--num_train_examples=1024", "--optimizer=adam",
+            "--lr=0.003", "--lr_schedule=constant", "--eval_examples=200", "--eval_pgd_steps=5",
+            "--test_examples=300", "--test_pgd_steps=5", "--verbose=2",
+            f"--model_dir={model_dir}", *extra]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    path = shared_data_dir("mnist")
+    if not (path / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip("real MNIST not available")
+    run_dir = tmp_path_factory.mktemp("runs") / "full"
+    proc = _run(_tiny(run_dir, path))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return run_dir, proc
+
+
+def test_run_directory_contents(finished_run):
+    run_dir, proc = finished_run
+    for name in ("flags.txt", "config.json", "manifest.json", "results.json",
+                 "model.keras", "metrics.jsonl", "best.json", "best.weights.h5"):
+        assert (run_dir / name).exists(), name
+    assert not (run_dir / "backup").exists()  # removed after a clean finish
+    results = json.loads((run_dir / "results.json").read_text())
+    assert 0.4 < results["clean_accuracy"] <= 1 and 0 <= results["robust_accuracy"] <= results["clean_accuracy"]
+    assert results["grad_evals"] == 4 * 8 * 128 * 3  # steps x batch x (1 + steps + 1)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["xla"]["used"] is False and "reason" in manifest["xla"]
+    assert "--epsilon=0.1" in (run_dir / "flags.txt").read_text()
+    epochs = [json.loads(l)["epoch"] for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3, 4]
+    assert "robust test accuracy" in proc.stdout
+
+
+def test_exported_model_loads_with_plain_keras_and_reproduces_accuracy(finished_run, mnist_dir):
+    run_dir, _ = finished_run
+    from tf_backsmooth import data
+    x, y = data.load_arrays("mnist", "test", str(mnist_dir), num_examples=300)
+    script = (
+        "import sys, numpy as np; sys.modules['tf_backsmooth'] = None; import keras;"
+        f"m = keras.models.load_model({str(run_dir / 'model.keras')!r});"
+        f"x = np.load({str(run_dir / 'x.npy')!r});"
+        "print(float((np.argmax(np.asarray(m(x, training=False)), 1) == np.load("
+        f"{str(run_dir / 'y.npy')!r})).mean()))")
+    np.save(run_dir / "x.npy", x.astype(np.float32) / 255)
+    np.save(run_dir / "y.npy", y)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert float(proc.stdout.strip().splitlines()[-1]) == pytest.approx(results["clean_accuracy"], abs=1e-6)
+
+
+def test_tensorboard_events_hold_scalars_and_images(finished_run):
+    import tensorflow as tf
+    run_dir, _ = finished_run
+    tags = set()
+    for root, _, files in os.walk(run_dir / "tensorboard"):
+        for name in files:
+            if "tfevents" in name:
+                for event in tf.compat.v1.train.summary_iterator(os.path.join(root, name)):
+                    for value in event.summary.value:
+                        tags.add((os.path.basename(root), value.tag))
+    names = {t for _, t in tags}
+    for tag in ("epoch_loss", "epoch_natural_loss", "epoch_robust_loss", "epoch_clean_accuracy",
+                "epoch_adv_accuracy", "epoch_learning_rate", "epoch_examples_per_second",
+                "epoch_grad_evals", "clean_adversarial_perturbation"):
+        assert tag in names, (tag, sorted(tags))
+    assert ("validation", "epoch_robust_accuracy") in tags
+
+
+def test_finished_run_is_not_overwritten(finished_run, mnist_dir):
+    run_dir, _ = finished_run
+    before = (run_dir / "results.json").read_text(), (run_dir / "flags.txt").read_text()
+    proc = _run(_tiny(run_dir, mnist_dir), timeout=120)
+    assert proc.returncode == 1 and "already holds a finished run" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert ((run_dir / "results.json").read_text(), (run_dir / "flags.txt").read_text()) == before
+
+
+def test_resume_after_kill_matches_uninterrupted_run(finished_run, mnist_dir, tmp_path):
+    full_dir, _ = finished_run
+    run_dir = tmp_path / "killed"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.Popen(TRAIN + _tiny(run_dir, mnist_dir), cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    meta = run_dir / "backup" / "training_metadata.json"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            if meta.exists():
+                try:
+                    if json.loads(meta.read_text())["epoch"] >= 2:
+                        break
+                except ValueError:
+                    pass
+            if proc.poll() is not None:
+                pytest.fail("run finished before it could be killed")
+            time.sleep(0.05)
+        else:
+            pytest.fail("no backup within the time limit")
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert not (run_dir / "results.json").exists()
+    # A different configuration must not resume into this directory.
+    clash = _run(_tiny(run_dir, mnist_dir, "--lr=0.01"), timeout=120)
+    assert clash.returncode == 1 and "different configuration" in clash.stderr and "lr" in clash.stderr
+    resumed = _run(_tiny(run_dir, mnist_dir))
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "starting at epoch 2" in resumed.stderr or "starting at epoch 3" in resumed.stderr
+    full = json.loads((full_dir / "results.json").read_text())
+    again = json.loads((run_dir / "results.json").read_text())
+    for key in ("clean_accuracy", "robust_accuracy", "epochs", "steps", "grad_evals"):
+        assert again[key] == full[key], key
+    epochs = sorted({json.loads(l)["epoch"] for l in (run_dir / "metrics.jsonl").read_text().splitlines()})
+    assert epochs == [1, 2, 3, 4]

@@ -1,0 +1,851 @@
+"""Robustness evaluation: white-box L-inf attacks, worst case, sanity checks.
+
+Public API
+----------
+* :func:`load_classifier` -- a ``.keras`` file or a run directory holding
+  ``model.keras``.
+* :func:`evaluate` -- clean accuracy, per-attack and worst-case robust
+  accuracy for one or more epsilons, timing and sanity warnings, as a dict.
+* :func:`robust_accuracy` -- one attack at one epsilon, a float (cheap enough
+  for a training callback).
+* :func:`sanity_checks` -- warnings about a model or a report that make the
+  numbers suspect (probability outputs, gradient masking, inconsistent
+  attack strengths).
+* :func:`adversarial_examples` -- the perturbed inputs of one attack.
+* :func:`apgd` -- Auto-PGD (Croce & Hein 2020) as a pure TF function, and
+  :func:`apgd_checkpoints`, its step-size checkpoint schedule.
+
+Attacks (``ATTACKS``): ``fgsm``; ``pgd`` (cross-entropy) and ``pgd_margin``
+(CW margin), both :func:`tf_backsmooth.attacks.pgd` from a uniform random
+start; ``apgd_ce`` (APGD on cross-entropy); ``apgd_t`` (APGD on the targeted
+DLR loss, one run per target class, the ``apgd_targets`` highest-scoring
+non-true classes at the clean input). The preset ``autoattack_lite`` runs
+``apgd_ce`` and then ``apgd_t`` only on the examples that are still robust.
+
+An example counts as robust at an epsilon only if it is correctly classified
+clean AND every chosen attack failed on it (per-example worst case). Attacks
+run only on the examples that are still undecided: clean-misclassified
+examples are never attacked, and restarts (PGD and APGD) and APGD-T targets
+only see the examples that survived the earlier runs (the host gathers them
+into new batches with NumPy; compiled code never uses boolean-mask indexing).
+Each example's random start is keyed on ``(seed, attack, target, restart,
+example index)``, so results do not depend on the batch size or on which
+examples are still being attacked.
+
+Every per-batch attack is one ``tf.function`` with a dynamic batch dimension,
+traced once per model and attack configuration (cached while the Keras model
+lives) and reused for all epsilons and batches. With ``jit_compile=True``
+batches are padded to power-of-two sizes (at most ``batch_size``), so XLA
+compiles a handful of shapes instead of one per batch size.
+
+APGD follows the paper where it and the authors' code differ (documented in
+:func:`apgd`); ``pgd``/``pgd_margin`` judge the final iterate (as Foolbox and
+the Madry et al. code do), APGD any iterate.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import sys
+import time
+import weakref
+import zipfile
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tf_backsmooth import attacks as attacks_lib
+from tf_backsmooth import objectives
+from tf_backsmooth import rng
+
+ATTACKS = ("fgsm", "pgd", "pgd_margin", "apgd_ce", "apgd_t")
+PRESETS = {"autoattack_lite": ("apgd_ce", "apgd_t")}
+
+# Fixed per-attack stream ids: an attack's random starts do not depend on
+# which other attacks run or in which order.
+_STREAM = {"fgsm": 1, "pgd": 2, "pgd_margin": 3, "apgd_ce": 4, "apgd_t": 5}
+
+#: APGD defaults (Croce & Hein 2020): step-decrease threshold and momentum.
+APGD_RHO = 0.75
+APGD_MOMENTUM = 0.75
+
+#: Sanity checks: accuracy differences below this (1 point) are noise.
+TOLERANCE = 0.01
+
+# (weaker, stronger) attack pairs: the stronger should not score higher.
+_STRENGTH_ORDER = (("fgsm", "pgd"), ("fgsm", "pgd_margin"), ("pgd", "apgd_ce"),
+                   ("pgd_margin", "apgd_t"), ("pgd", "autoattack_lite"))
+
+
+# ----------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------
+def load_classifier(path) -> keras.Model:
+    """Loads a classifier from a ``.keras`` file or a run directory.
+
+    A directory must contain ``model.keras``. Raises FileNotFoundError or
+    ValueError naming the path otherwise.
+    """
+    path = Path(path)
+    if path.is_dir():
+        candidate = path / "model.keras"
+        if not candidate.is_file():
+            raise FileNotFoundError(
+                f"run directory {str(path)!r} has no model.keras")
+        path = candidate
+    elif not path.exists():
+        raise FileNotFoundError(f"no model file or run directory at {str(path)!r}")
+    elif path.suffix != ".keras":
+        raise ValueError(
+            f"{str(path)!r} is not a .keras file (expected a .keras file or a "
+            "run directory containing model.keras)")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{str(path)!r} is not a valid .keras file (not a zip archive)")
+    try:
+        model = keras.models.load_model(path, compile=False)
+    except Exception as err:  # zip errors, unknown layers, ...
+        raise ValueError(f"could not load a Keras model from {str(path)!r}: "
+                         f"{type(err).__name__}: {err}") from err
+    return model
+
+
+# ----------------------------------------------------------------------------
+# Losses and APGD (pure TensorFlow)
+# ----------------------------------------------------------------------------
+def _true_logit(labels, logits):
+    labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
+    return tf.gather(logits, labels, axis=1, batch_dims=1)
+
+
+def dlr_loss(labels, logits):
+    """Per-example untargeted DLR loss ``-(z_y - max_{i!=y} z_i)/(z_1 - z_3)``.
+
+    ``z_1 >= z_2 >= ...`` are the sorted logits (needs >= 3 classes).
+    """
+    logits = tf.cast(logits, tf.float32)
+    top = tf.math.top_k(logits, k=3).values
+    margin = -objectives.margin_loss(labels, logits)
+    return -margin / (top[:, 0] - top[:, 2] + 1e-12)
+
+
+def dlr_targeted_loss(labels, targets, logits):
+    """Per-example targeted DLR ``-(z_y - z_t) / (z_1 - (z_3 + z_4) / 2)``.
+
+    Needs >= 4 classes. Maximising it pushes the target logit ``z_t`` above
+    the true one; the denominator makes it invariant to logit scale.
+    """
+    logits = tf.cast(logits, tf.float32)
+    top = tf.math.top_k(logits, k=4).values
+    diff = _true_logit(labels, logits) - _true_logit(targets, logits)
+    return -diff / (top[:, 0] - 0.5 * (top[:, 2] + top[:, 3]) + 1e-12)
+
+
+def target_classes(labels, logits, rank):
+    """The ``rank``-th (1 = highest) scoring class other than the label."""
+    logits = tf.cast(logits, tf.float32)
+    labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
+    onehot = tf.one_hot(labels, tf.shape(logits)[-1], dtype=logits.dtype)
+    order = tf.argsort(logits - onehot * 1e9, axis=-1, direction="DESCENDING",
+                       stable=True)
+    return tf.gather(order, tf.cast(rank, tf.int32) - 1, axis=1)
+
+
+def apgd_checkpoints(steps):
+    """APGD's checkpoints ``w_j = ceil(p_j * steps)`` (Croce & Hein 2020).
+
+    ``p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)``;
+    only the ``w_j`` in ``(0, steps]`` are returned (sorted, no duplicates).
+    The ``p_j`` are kept in exact hundredths, so ``0.22 * 100`` is 22, not 23.
+    """
+    steps = int(steps)
+    if steps < 1:
+        return []
+    hundredths = [0, 22]
+    while hundredths[-1] <= 100:
+        prev, cur = hundredths[-2], hundredths[-1]
+        hundredths.append(cur + max(cur - prev - 3, 6))
+    out = []
+    for p in hundredths[1:]:
+        w = -(-p * steps // 100)  # exact ceil
+        if w > steps:
+            break
+        if w >= 1 and (not out or w > out[-1]):
+            out.append(w)
+    return out
+
+
+APGDResult = collections.namedtuple(
+    "APGDResult", ["x_adv", "robust", "loss_best", "step_size"])
+
+
+def _per_example(v, x):
+    return tf.reshape(v, [-1] + [1] * (x.shape.rank - 1))
+
+
+def apgd(model_fn, x, y, epsilon, steps=100, loss="ce", targets=None,
+         seed=None, *, rho=APGD_RHO, momentum=APGD_MOMENTUM, init_noise=None):
+    """Auto-PGD, L-inf (Croce & Hein 2020, Algorithm 1), per-example state.
+
+    Starts at ``project(x + U(-eps, eps))`` (or ``x + init_noise``) with step
+    size ``2 * eps``. Each step is a sign step followed by momentum ``alpha =
+    momentum`` (1 on the first step), both projected. At every checkpoint
+    ``w_j`` (:func:`apgd_checkpoints`) an example's step size is halved, and it
+    restarts from its best point, if (1) fewer than ``rho * (w_j - w_{j-1})``
+    of its steps since the last checkpoint increased the loss, or (2) its step
+    size was not halved at the last checkpoint and its best loss has not
+    increased since then.
+
+    Choices where the paper and the reference code (fra31/auto-attack)
+    differ, following the paper: checkpoints are ``ceil(p_j * steps)``
+    (identical to the code's integer schedule for 100 steps); condition (2)
+    is already active at the first checkpoint (the code disables it there);
+    after a restart the next step's success is judged against the best loss
+    (the point it restarted from). The start is uniform in the eps-ball (the
+    code rescales the noise so its largest entry is exactly eps).
+
+    ``loss`` is ``"ce"``, ``"dlr"`` or ``"dlr_targeted"`` (needs ``targets``,
+    one class per example). Returns :class:`APGDResult`: ``x_adv`` is the
+    last misclassified iterate where one occurred, else the highest-loss
+    point; ``robust`` is 1.0 where no iterate (the start included) was
+    misclassified; ``loss_best`` and the final per-example ``step_size``.
+    ``steps`` must be a Python int.
+    """
+    x = tf.stop_gradient(tf.convert_to_tensor(x))
+    y = tf.reshape(tf.convert_to_tensor(y), [-1])
+    if loss == "ce":
+        loss_fn = lambda z: objectives.cross_entropy(y, z)  # noqa: E731
+    elif loss == "dlr":
+        loss_fn = lambda z: dlr_loss(y, z)  # noqa: E731
+    elif loss == "dlr_targeted":
+        if targets is None:
+            raise ValueError("loss='dlr_targeted' needs targets")
+        targets = tf.reshape(tf.convert_to_tensor(targets), [-1])
+        loss_fn = lambda z: dlr_targeted_loss(y, targets, z)  # noqa: E731
+    else:
+        raise ValueError(f"loss must be 'ce', 'dlr' or 'dlr_targeted', got {loss!r}")
+    steps = int(steps)
+    eps = tf.cast(epsilon, x.dtype)
+
+    # Static schedule: is_check[t] after t steps, interval[t] = w_j - w_{j-1}.
+    is_check = np.zeros(steps + 1, bool)
+    interval = np.ones(steps + 1, np.float32)
+    last = 0
+    for w in apgd_checkpoints(steps):
+        is_check[w], interval[w], last = True, w - last, w
+    is_check = tf.constant(is_check)
+    interval = tf.constant(interval)
+
+    if init_noise is None:
+        init_noise = attacks_lib.uniform_noise(tf.shape(x), eps, seed, x.dtype)
+    x0 = attacks_lib.project(x + tf.cast(init_noise, x.dtype), x, eps)
+    loss0, grad0, logits0 = attacks_lib.input_gradient(model_fn, x0, loss_fn)
+    robust0 = objectives.correct(y, logits0) > 0.5
+    batch = tf.shape(x)[0]
+    zeros = tf.zeros([batch], tf.float32)
+    state = dict(
+        x_adv=x0, x_prev=x0, grad=grad0, loss_prev=loss0,
+        x_best=x0, grad_best=grad0, loss_best=loss0,
+        x_best_adv=x0, robust=robust0,
+        step=tf.fill([batch], 2.0 * tf.cast(eps, tf.float32)),
+        successes=zeros, loss_best_last=loss0,
+        reduced_last=tf.zeros([batch], tf.bool))
+    if steps <= 0:
+        return _apgd_result(state, x)
+
+    def body(i, s):
+        pe = lambda v: _per_example(v, x)  # noqa: E731
+        a = tf.where(tf.equal(i, 0), 1.0, momentum)
+        a = tf.cast(a, x.dtype)
+        step = pe(tf.cast(s["step"], x.dtype))
+        z = attacks_lib.project(
+            attacks_lib.sign_step(s["x_adv"], s["grad"], step), x, eps)
+        x_new = attacks_lib.project(
+            s["x_adv"] + a * (z - s["x_adv"]) + (1 - a) * (s["x_adv"] - s["x_prev"]),
+            x, eps)
+        loss_new, grad_new, logits = attacks_lib.input_gradient(
+            model_fn, x_new, loss_fn)
+        wrong = objectives.correct(y, logits) < 0.5
+        x_best_adv = tf.where(pe(wrong), x_new, s["x_best_adv"])
+        robust = s["robust"] & ~wrong
+        successes = s["successes"] + tf.cast(loss_new > s["loss_prev"], tf.float32)
+        improved = loss_new > s["loss_best"]
+        x_best = tf.where(pe(improved), x_new, s["x_best"])
+        grad_best = tf.where(pe(improved), grad_new, s["grad_best"])
+        loss_best = tf.where(improved, loss_new, s["loss_best"])
+
+        t = i + 1
+        check = is_check[t]
+        cond1 = successes < rho * interval[t]
+        cond2 = ~s["reduced_last"] & (loss_best <= s["loss_best_last"])
+        halve = check & (cond1 | cond2)
+        new = dict(
+            x_prev=s["x_adv"],
+            x_adv=tf.where(pe(halve), x_best, x_new),
+            grad=tf.where(pe(halve), grad_best, grad_new),
+            loss_prev=tf.where(halve, loss_best, loss_new),
+            x_best=x_best, grad_best=grad_best, loss_best=loss_best,
+            x_best_adv=x_best_adv, robust=robust,
+            step=tf.where(halve, s["step"] * 0.5, s["step"]),
+            successes=tf.where(check, tf.zeros_like(successes), successes),
+            loss_best_last=tf.where(check, loss_best, s["loss_best_last"]),
+            reduced_last=tf.where(check, halve, s["reduced_last"]))
+        return t, {k: tf.stop_gradient(v) for k, v in new.items()}
+
+    _, state = tf.while_loop(lambda i, _: i < steps, body,
+                             (tf.constant(0), state), maximum_iterations=steps)
+    return _apgd_result(state, x)
+
+
+def _apgd_result(s, x):
+    x_adv = tf.where(_per_example(s["robust"], x), s["x_best"], s["x_best_adv"])
+    return APGDResult(tf.stop_gradient(x_adv),
+                      tf.cast(s["robust"], tf.float32), s["loss_best"], s["step"])
+
+
+# ----------------------------------------------------------------------------
+# Per-batch compiled attacks
+# ----------------------------------------------------------------------------
+def _as_model_fn(model):
+    """``x -> logits`` in inference mode, with a (zero) gradient path to x.
+
+    The ``0 * sum(x)`` term makes a model that stops the input gradient
+    (``tf.stop_gradient``, ``tf.round``) yield a zero gradient instead of
+    ``None``, so attacks run and :func:`sanity_checks` reports the masking.
+    """
+    if isinstance(model, keras.layers.Layer):
+        # A weak reference: the compiled functions cached for the model (see
+        # _cache_for) must not keep it alive.
+        ref = weakref.ref(model)
+        call = lambda x: ref()(x, training=False)  # noqa: E731
+    elif callable(model):
+        call = model
+    else:
+        raise TypeError(f"model must be a keras.Model or a callable, got {type(model)}")
+
+    def model_fn(x):
+        logits = tf.convert_to_tensor(call(x))
+        return logits + tf.cast(0.0 * tf.reduce_sum(x), logits.dtype)
+
+    return model_fn
+
+
+def example_noise(shape, radius, seed, index, dtype=tf.float32):
+    """``U(-radius, radius)`` noise of ``shape`` keyed on each example's index.
+
+    Example ``i`` of the batch gets ``rng.uniform(shape[1:], fold_in(seed,
+    index[i]))``: its random start depends only on ``(seed, index[i])``, not
+    on the batch it lands in, so results do not depend on ``batch_size`` or on
+    which examples are still being attacked.
+    """
+    seeds = tf.transpose(rng.fold_in(seed, index))  # [B, 2]
+    tail = shape[1:]
+    return tf.map_fn(lambda s: rng.uniform(tail, s, -radius, radius, dtype),
+                     seeds, fn_output_signature=dtype, parallel_iterations=64)
+
+
+_CACHE = weakref.WeakKeyDictionary()
+
+
+def _cache_for(model):
+    """The compiled-function cache of a Keras model (lives as long as it).
+
+    Plain callables get a fresh dict: the caller keeps it for one evaluation.
+    """
+    if isinstance(model, keras.layers.Layer):
+        return _CACHE.setdefault(model, {})
+    return {}
+
+
+def _batch_fn(model, cache, name, input_shape, steps, step_size, jit):
+    """A compiled ``(x, y, index, eps, seed, rank) -> (x_adv, robust)``.
+
+    One random start per example (:func:`example_noise` keyed on ``index``,
+    the examples' positions in the evaluated set); ``rank`` only matters for
+    ``apgd_t`` (which target, 1-based). ``robust`` is 1.0 where the attack
+    failed: for fgsm/pgd the returned point is classified correctly, for APGD
+    no iterate was misclassified. ``name="clean"`` returns ``(logits,
+    correct)``.
+    """
+    key = (name, tuple(input_shape), steps, step_size, bool(jit))
+    if key in cache:
+        return cache[key]
+    model_fn = _as_model_fn(model)
+
+    def fn(x, y, index, eps, seed, rank):
+        if name == "clean":
+            logits = model_fn(x)
+            return logits, objectives.correct(y, logits)
+        if name == "fgsm":
+            x_adv = attacks_lib.fgsm(model_fn, x, y, eps)
+            return x_adv, objectives.correct(y, model_fn(x_adv))
+        noise = example_noise(tf.shape(x), eps, seed, index, x.dtype)
+        if name in ("pgd", "pgd_margin"):
+            size = 2.5 * eps / steps if step_size is None else step_size
+            x_adv = attacks_lib.pgd(model_fn, x, y, eps, size, steps,
+                                    loss="ce" if name == "pgd" else "margin",
+                                    init_noise=noise)
+            return x_adv, objectives.correct(y, model_fn(x_adv))
+        if name == "apgd_ce":
+            out = apgd(model_fn, x, y, eps, steps, loss="ce", init_noise=noise)
+        elif name == "apgd_t":
+            targets = target_classes(y, model_fn(x), rank)
+            out = apgd(model_fn, x, y, eps, steps, loss="dlr_targeted",
+                       targets=targets, init_noise=noise)
+        else:
+            raise ValueError(f"unknown attack {name!r}")
+        return out.x_adv, out.robust
+
+    signature = [tf.TensorSpec([None] + list(input_shape), tf.float32),
+                 tf.TensorSpec([None], tf.int64),
+                 tf.TensorSpec([None], tf.int64),
+                 tf.TensorSpec([], tf.float32),
+                 tf.TensorSpec([2], tf.int32),
+                 tf.TensorSpec([], tf.int32)]
+    compiled = tf.function(fn, input_signature=signature, jit_compile=bool(jit))
+    cache[key] = compiled
+    return compiled
+
+
+# ----------------------------------------------------------------------------
+# Argument checks
+# ----------------------------------------------------------------------------
+def parse_attacks(attacks):
+    """Validates attack names (a sequence or a comma-separated string).
+
+    Returns a tuple of unique names (order kept); presets are kept as names.
+    Raises ValueError naming the unknown attack.
+    """
+    if isinstance(attacks, str):
+        attacks = [a.strip() for a in attacks.split(",")]
+    names = []
+    for a in attacks:
+        if a not in ATTACKS and a not in PRESETS:
+            raise ValueError(
+                f"unknown attack {a!r}; valid attacks: "
+                f"{', '.join(ATTACKS + tuple(PRESETS))}")
+        if a in names:
+            raise ValueError(f"attack {a!r} is listed twice")
+        names.append(a)
+    if not names:
+        raise ValueError("no attack given")
+    return tuple(names)
+
+
+def _check_epsilons(epsilons):
+    if np.ndim(epsilons) == 0:
+        epsilons = [epsilons]
+    out = []
+    for e in epsilons:
+        try:
+            e = float(e)
+        except (TypeError, ValueError):
+            raise ValueError(f"epsilon must be a number, got {e!r}") from None
+        if not math.isfinite(e) or e < 0 or e > 1:
+            raise ValueError(f"epsilon must be in [0, 1] (pixel units), got {e}")
+        out.append(e)
+    if not out:
+        raise ValueError("no epsilon given")
+    if len(set(out)) != len(out):
+        raise ValueError(f"epsilons must be distinct, got {out}")
+    return out
+
+
+def _positive_int(value, what, minimum=1):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
+            or value < minimum:
+        raise ValueError(f"{what} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_data(x, y):
+    x = np.asarray(x)
+    y = np.asarray(y)
+    if x.ndim < 2 or len(x) == 0:
+        raise ValueError(f"x must be a non-empty batch of inputs, got shape {x.shape}")
+    if y.shape != (len(x),):
+        raise ValueError(f"y must have shape ({len(x)},), got {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"y must hold integer class ids, got dtype {y.dtype}")
+    if x.dtype == np.uint8:
+        x = x.astype(np.float32) / 255.0
+    else:
+        x = x.astype(np.float32, copy=False)
+        lo, hi = float(x.min()), float(x.max())
+        if not (lo >= 0.0 and hi <= 1.0):
+            raise ValueError(
+                f"x must hold images in [0, 1] (or uint8), got values in [{lo}, {hi}]")
+    return x, y.astype(np.int64)
+
+
+# ----------------------------------------------------------------------------
+# The host loop
+# ----------------------------------------------------------------------------
+class _Runner:
+    """Runs compiled per-batch attacks over index subsets of ``x``."""
+
+    def __init__(self, model, x, y, batch_size, seed, jit, progress):
+        self.model, self.x, self.y = model, x, y
+        self.batch_size, self.seed = batch_size, seed
+        self.jit, self.progress = jit, progress
+        self.cache = _cache_for(model)
+
+    def run(self, name, idx, eps=0.0, steps=0, step_size=None, stream=(0,),
+            rank=1, label=None, keep_adv=False):
+        """``robust`` (bool, one per index) and optionally ``x_adv``.
+
+        ``stream`` (ints) is folded into the seed: one random stream per
+        attack, restart and target.
+        """
+        fn = _batch_fn(self.model, self.cache, name, self.x.shape[1:], steps,
+                       None if step_size is None else float(step_size),
+                       self.jit)
+        seed = rng.make_seed(self.seed)
+        for s in stream:
+            seed = rng.fold_in(seed, s)
+        robust = np.zeros(len(idx), bool)
+        adv = np.empty((len(idx),) + self.x.shape[1:], np.float32) if keep_adv else None
+        nb = -(-len(idx) // self.batch_size)
+        start = time.perf_counter()
+        for b in range(nb):
+            sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
+            part = idx[sl]
+            count = len(part)
+            if self.jit:  # pad to a few bucket sizes: XLA compiles per shape
+                bucket = min(self.batch_size, 1 << (count - 1).bit_length())
+                part = np.concatenate([part, np.repeat(part[-1:], bucket - count)])
+            out, ok = fn(tf.constant(self.x[part]), tf.constant(self.y[part]),
+                         tf.constant(part, tf.int64),
+                         tf.constant(eps, tf.float32), seed,
+                         tf.constant(rank, tf.int32))
+            robust[sl] = ok.numpy()[:count] > 0.5
+            if keep_adv:
+                adv[sl] = out.numpy()[:count]
+            if self.progress:
+                done = min((b + 1) * self.batch_size, len(idx))
+                rate = done / max(time.perf_counter() - start, 1e-9)
+                print(f"[evaluate] {label or name} eps={eps:g}: batch {b + 1}/{nb}"
+                      f", {int(robust[:done].sum())}/{done} robust, "
+                      f"{rate:.0f} img/s", file=sys.stderr, flush=True)
+        return (robust, adv) if keep_adv else robust
+
+    def clean(self):
+        return self.run("clean", np.arange(len(self.x)), label="clean")
+
+    def attack(self, name, active, eps, *, pgd_steps, restarts, step_size,
+               apgd_steps, apgd_targets):
+        """Per-example robustness (bool [N]) of ``name`` on indices ``active``.
+
+        Examples outside ``active`` are reported non-robust. Every restart
+        (and every APGD-T target) only attacks the examples that are still
+        robust, so an example is robust only if all of them failed.
+        """
+        robust = np.zeros(len(self.x), bool)
+        if len(active) == 0:
+            return robust
+        if name == "fgsm":
+            robust[active] = self.run("fgsm", active, eps, stream=(_STREAM[name],))
+            return robust
+        steps = pgd_steps if name in ("pgd", "pgd_margin") else apgd_steps
+        targets = range(1, apgd_targets + 1) if name == "apgd_t" else [0]
+        rounds = [(t, r) for t in targets for r in range(restarts)]
+        robust[active] = True
+        for t, r in rounds:
+            left = np.flatnonzero(robust)
+            if len(left) == 0:
+                break
+            label = name + (f" target {t}" if t else "") + (
+                f" restart {r + 1}/{restarts}" if restarts > 1 else "")
+            size = step_size if name in ("pgd", "pgd_margin") else None
+            robust[left] = self.run(name, left, eps, steps, size,
+                                    stream=(_STREAM[name], t, r), rank=max(t, 1),
+                                    label=label)
+        return robust
+
+
+def _num_classes(model, x, y, attacks=()):
+    """The model's number of outputs, checked against labels and attacks."""
+    shape = getattr(model, "output_shape", None)
+    if isinstance(shape, tuple) and shape and isinstance(shape[-1], int):
+        num = shape[-1]
+    else:
+        num = int(_as_model_fn(model)(tf.constant(x[:1])).shape[-1])
+    if y.min() < 0 or y.max() >= num:
+        raise ValueError(f"labels must be in [0, {num - 1}] for a model with {num} "
+                         f"outputs, got [{y.min()}, {y.max()}]")
+    if num < 4 and ("apgd_t" in attacks or "autoattack_lite" in attacks):
+        raise ValueError(f"apgd_t needs >= 4 classes, the model has {num}")
+    return num
+
+
+def evaluate(model, x, y, epsilons, attacks=("pgd",), *, batch_size=256,
+             pgd_steps=20, restarts=1, step_size=None, apgd_steps=100, seed=0,
+             progress=False, apgd_targets=9, jit_compile=False) -> dict:
+    """Clean and robust accuracy of ``model`` on ``(x, y)`` under L-inf attacks.
+
+    Args:
+      model: a ``keras.Model`` (``[0, 1]`` images -> logits; called with
+        ``training=False``) or any callable ``x -> logits``.
+      x, y: images in ``[0, 1]`` (float, or uint8 divided by 255) and
+        integer labels.
+      epsilons: one epsilon or a sequence (pixel units, in ``[0, 1]``).
+      attacks: names from ``ATTACKS`` or ``PRESETS`` (a sequence or a
+        comma-separated string).
+      pgd_steps, step_size: PGD's steps and step size (default
+        ``2.5 * eps / pgd_steps``, Madry et al.); FGSM's step is ``eps``.
+      restarts: random starts of pgd/pgd_margin/apgd_ce, and per target of
+        apgd_t.
+      apgd_steps, apgd_targets: APGD iterations per run and APGD-T's number
+        of target classes (capped at ``num_classes - 1``).
+      seed: int; fixes every random start.
+      progress: print a line per batch to stderr.
+      jit_compile: compile the per-batch attacks with XLA.
+
+    Returns a dict: ``clean_accuracy``; ``robust_accuracy`` (worst case over
+    the attacks: a float for one epsilon, else ``{str(eps): float}``);
+    ``attacks`` (``{str(eps): {attack: accuracy}}``; ``autoattack_lite``
+    also reports its full ``apgd_ce`` run); ``epsilons``; ``num_examples``;
+    ``settings``; ``seconds`` and ``images_per_second`` (examples x epsilons
+    evaluated per second of wall time, all attacks included); ``warnings``
+    (from :func:`sanity_checks`).
+    """
+    start = time.perf_counter()
+    x, y = _check_data(x, y)
+    eps_list = _check_epsilons(epsilons)
+    names = parse_attacks(attacks)
+    batch_size = _positive_int(batch_size, "batch_size")
+    pgd_steps = _positive_int(pgd_steps, "pgd_steps")
+    restarts = _positive_int(restarts, "restarts")
+    apgd_steps = _positive_int(apgd_steps, "apgd_steps")
+    apgd_targets = _positive_int(apgd_targets, "apgd_targets")
+    seed = _positive_int(seed, "seed", minimum=0)
+    if step_size is not None and not (float(step_size) > 0):
+        raise ValueError(f"step_size must be positive, got {step_size!r}")
+    num_classes = _num_classes(model, x, y, names)
+    apgd_targets = min(apgd_targets, num_classes - 1)
+
+    runner = _Runner(model, x, y, batch_size, seed, jit_compile, progress)
+    clean = runner.clean()
+    clean_idx = np.flatnonzero(clean)
+    kw = dict(pgd_steps=pgd_steps, restarts=restarts, step_size=step_size,
+              apgd_steps=apgd_steps, apgd_targets=apgd_targets)
+
+    per_attack, worst = {}, {}
+    for eps in eps_list:
+        key = str(eps)
+        done = {}
+        for n in names:
+            if n in PRESETS:  # apgd_ce, then apgd_t on what is left
+                if "apgd_ce" not in done:
+                    done["apgd_ce"] = runner.attack("apgd_ce", clean_idx, eps, **kw)
+                robust = done["apgd_ce"].copy()
+                if "apgd_t" in done:
+                    robust &= done["apgd_t"]
+                else:  # False outside `left`, the apgd_t result on it
+                    robust = runner.attack("apgd_t", np.flatnonzero(robust),
+                                           eps, **kw)
+                done[n] = robust
+            elif n not in done:
+                done[n] = runner.attack(n, clean_idx, eps, **kw)
+        report_names = list(names)
+        if any(n in PRESETS for n in names) and "apgd_ce" not in report_names:
+            report_names.append("apgd_ce")
+        per_attack[key] = {n: float(done[n].mean()) for n in report_names}
+        all_robust = clean.copy()
+        for v in done.values():
+            all_robust &= v
+        worst[key] = float(all_robust.mean())
+
+    seconds = time.perf_counter() - start
+    default_step = f"2.5 * eps / {pgd_steps}"
+    report = {
+        "clean_accuracy": float(clean.mean()),
+        "robust_accuracy": worst[str(eps_list[0])] if len(eps_list) == 1 else worst,
+        "attacks": per_attack,
+        "epsilons": eps_list,
+        "num_examples": int(len(x)),
+        "settings": {
+            "attacks": list(names),
+            "pgd_steps": pgd_steps,
+            "pgd_step_size": default_step if step_size is None else float(step_size),
+            "fgsm_step_size": "eps",
+            "restarts": restarts,
+            "apgd_steps": apgd_steps,
+            "apgd_targets": apgd_targets,
+            "apgd_rho": APGD_RHO,
+            "apgd_momentum": APGD_MOMENTUM,
+            "apgd_initial_step_size": "2 * eps",
+            "apgd_checkpoints": apgd_checkpoints(apgd_steps),
+            "batch_size": batch_size,
+            "seed": seed,
+            "jit_compile": bool(jit_compile),
+        },
+        "seconds": seconds,
+        "images_per_second": len(x) * len(eps_list) / max(seconds, 1e-9),
+    }
+    report["warnings"] = sanity_checks(model, x, y, report)
+    return report
+
+
+def robust_accuracy(model, x, y, epsilon, attack="pgd", steps=20,
+                    step_size=None, restarts=1, batch_size=256, seed=0) -> float:
+    """Accuracy under one attack at one epsilon (clean-wrong count as broken).
+
+    ``steps`` is PGD's or APGD's number of iterations. Compiled functions are
+    cached per model, so calling this every few epochs does not retrace.
+    """
+    names = parse_attacks([attack])
+    if attack in PRESETS:
+        raise ValueError(f"robust_accuracy takes a single attack, not the preset {attack!r}")
+    steps = _positive_int(steps, "steps")
+    x, y = _check_data(x, y)
+    eps = _check_epsilons(epsilon)
+    if len(eps) != 1:
+        raise ValueError("robust_accuracy takes one epsilon")
+    num_classes = _num_classes(model, x, y, names)
+    runner = _Runner(model, x, y, _positive_int(batch_size, "batch_size"),
+                     _positive_int(seed, "seed", 0), False, False)
+    clean_idx = np.flatnonzero(runner.clean())
+    robust = runner.attack(names[0], clean_idx, eps[0], pgd_steps=steps,
+                           restarts=_positive_int(restarts, "restarts"),
+                           step_size=step_size, apgd_steps=steps,
+                           apgd_targets=min(9, num_classes - 1))
+    return float(robust.mean())
+
+
+def adversarial_examples(model, x, y, epsilon, attack="pgd", *, steps=20,
+                         step_size=None, batch_size=256, seed=0,
+                         target_rank=1):
+    """``(x_adv, robust)`` of one attack (one start) on every example.
+
+    ``steps`` is PGD's or APGD's iterations. For ``apgd_t`` one target,
+    ``target_rank`` (1 = the highest-scoring non-true class), is attacked.
+    ``robust`` is True where the attack failed. The random starts are those
+    of :func:`evaluate`'s first restart with the same ``seed``.
+    """
+    (name,) = parse_attacks([attack])
+    if name in PRESETS:
+        raise ValueError("adversarial_examples takes a single attack")
+    x, y = _check_data(x, y)
+    (eps,) = _check_epsilons(epsilon)
+    _num_classes(model, x, y, (name,))
+    runner = _Runner(model, x, y, _positive_int(batch_size, "batch_size"),
+                     _positive_int(seed, "seed", 0), False, False)
+    robust, x_adv = runner.run(
+        name, np.arange(len(x)), eps, _positive_int(steps, "steps"), step_size,
+        stream=(_STREAM[name], target_rank if name == "apgd_t" else 0, 0),
+        rank=target_rank, keep_adv=True)
+    return x_adv, robust
+
+
+# ----------------------------------------------------------------------------
+# Sanity checks
+# ----------------------------------------------------------------------------
+def _accuracy_map(report):
+    """``{eps: {name: acc}}`` with the worst case under ``"worst case"``."""
+    eps_keys = [str(float(e)) for e in report.get("epsilons", [])]
+    attacks = report.get("attacks", {}) or {}
+    robust = report.get("robust_accuracy")
+    out = {}
+    for k in eps_keys or list(attacks):
+        row = dict(attacks.get(k, {}))
+        if isinstance(robust, dict):
+            if k in robust:
+                row["worst case"] = robust[k]
+        elif robust is not None:
+            row["worst case"] = robust
+        out[k] = row
+    return out
+
+
+def sanity_checks(model, x, y, report, *, sample_size=256,
+                  tolerance=TOLERANCE) -> list:
+    """Warnings (strings) that make an evaluation suspect; empty if none.
+
+    Model checks on the first ``sample_size`` examples: outputs that look
+    like probabilities (attacks and losses expect logits), non-finite
+    outputs, and gradient masking (more than half of the examples with an
+    all-zero input gradient of the cross-entropy). Report checks (skipped for
+    keys the report lacks): a robust accuracy above the clean one; a stronger
+    attack (pgd over fgsm, apgd over pgd) scoring more than ``tolerance``
+    above a weaker one; a robust accuracy that rises with epsilon by more
+    than ``tolerance``.
+    """
+    warnings = []
+    if model is not None and x is not None and len(x):
+        xs, ys = _check_data(np.asarray(x)[:sample_size], np.asarray(y)[:sample_size])
+        model_fn = _as_model_fn(model)
+        xt = tf.constant(xs)
+        with tf.GradientTape() as tape:
+            tape.watch(xt)
+            out = tf.cast(model_fn(xt), tf.float32)
+            loss = tf.reduce_sum(objectives.cross_entropy(ys, out))
+        grad = tape.gradient(loss, xt)
+        out = out.numpy()
+        if not np.all(np.isfinite(out)):
+            warnings.append("model outputs contain NaN or inf")
+        elif out.min() >= 0.0 and out.max() <= 1.0 and np.allclose(
+                out.sum(axis=-1), 1.0, atol=1e-3):
+            warnings.append(
+                "model outputs look like probabilities (every row is in [0, 1] "
+                "and sums to 1): the attacks expect logits, so gradients are "
+                "squashed by a second softmax; remove the final softmax")
+        grad = np.zeros_like(xs) if grad is None else grad.numpy()
+        zero = np.all(grad.reshape(len(xs), -1) == 0, axis=1).mean()
+        if zero > 0.5:
+            warnings.append(
+                f"possible gradient masking: {zero:.0%} of {len(xs)} examples have "
+                "an all-zero input gradient of the cross-entropy, so gradient "
+                "attacks (fgsm, pgd, apgd_ce) overestimate robustness; compare "
+                "pgd_margin/apgd_t or a gradient-free attack")
+
+    acc = _accuracy_map(report or {})
+    clean = (report or {}).get("clean_accuracy")
+    pt = lambda v: f"{100 * v:.1f}%"  # noqa: E731
+    for k, row in acc.items():
+        if clean is not None:
+            for n, v in row.items():
+                if v > clean + 1e-9:
+                    warnings.append(f"eps={k}: {n} robust accuracy {pt(v)} is "
+                                    f"above the clean accuracy {pt(clean)}")
+        for weak, strong in _STRENGTH_ORDER:
+            if weak in row and strong in row and row[strong] > row[weak] + tolerance:
+                what = ("fgsm beats pgd" if (weak, strong) == ("fgsm", "pgd")
+                        else f"{strong} is weaker than {weak}")
+                warnings.append(
+                    f"eps={k}: {what} ({strong} {pt(row[strong])} > {weak} "
+                    f"{pt(row[weak])}): the stronger attack should not leave a "
+                    "higher accuracy; a sign of gradient masking or too few steps")
+    keys = sorted(acc, key=float)
+    for small, large in zip(keys, keys[1:]):
+        for n, v in acc[large].items():
+            if n in acc[small] and v > acc[small][n] + tolerance:
+                warnings.append(
+                    f"{n}: robust accuracy rises with epsilon ({pt(acc[small][n])} "
+                    f"at eps={small}, {pt(v)} at eps={large}): a sign of gradient "
+                    "masking or a broken attack")
+    return warnings
+
+
+def format_table(report) -> str:
+    """The report's accuracies as a text table (attacks x epsilons)."""
+    acc = _accuracy_map(report)
+    keys = sorted(acc, key=float)
+    names = []
+    for k in keys:
+        for n in acc[k]:
+            if n not in names and n != "worst case":
+                names.append(n)
+    names.append("worst case")
+    corner = "attack / eps"
+    width = max([len(n) for n in names] + [len(corner)])
+    head = corner.ljust(width) + "".join(f"{float(k):>10.4g}" for k in keys)
+    lines = [f"clean accuracy: {100 * report['clean_accuracy']:.2f}% "
+             f"({report['num_examples']} examples)", head, "-" * len(head)]
+    for n in names:
+        cells = "".join(f"{100 * acc[k][n]:>9.2f}%" if n in acc[k] else f"{'-':>10}"
+                        for k in keys)
+        lines.append(f"{n:<{width}}{cells}")
+    return "\n".join(lines)
