@@ -208,3 +208,12 @@ def test_resume_after_kill_matches_uninterrupted_run(finished_run, mnist_dir, tm
         assert again[key] == full[key], key
     epochs = sorted({json.loads(l)["epoch"] for l in (run_dir / "metrics.jsonl").read_text().splitlines()})
     assert epochs == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "experiments").glob("*.flags")), ids=lambda p: p.name)
+def test_every_experiment_flagfile_is_valid_and_documented(path):
+    text = path.read_text()
+    assert f"bin/train --flagfile=experiments/{path.name}" in text
+    assert "# Expected" in text or "# Result" in text
+    config = _parse(f"--flagfile={path}")
+    assert config.model_dir.startswith("runs/")

@@ -64,6 +64,9 @@ class BestCheckpoint(keras.callbacks.Callback):
 
     Saves ``best.weights.h5`` and ``best.json`` (value, epoch) in ``model_dir``;
     on a resumed run the best value so far is read back from ``best.json``.
+    Every worker also keeps the best weights in memory (``best_weights``):
+    all workers see the same validation numbers, so they select the same
+    epoch without reading a file that the chief may be writing.
     """
 
     def __init__(self, model_dir, monitor="val_robust_accuracy",
@@ -75,6 +78,17 @@ class BestCheckpoint(keras.callbacks.Callback):
         self.info_path = os.path.join(model_dir, "best.json")
         self.best = -math.inf
         self.best_epoch = None
+        self.best_weights = None
+
+    def restore_best(self, base_model):
+        """Loads the selected weights into ``base_model``; False if none."""
+        if self.best_weights is not None:
+            base_model.set_weights(self.best_weights)
+            return True
+        if os.path.exists(self.weights_path):  # chosen before a resume
+            base_model.load_weights(self.weights_path)
+            return True
+        return False
 
     def on_train_begin(self, logs=None):
         if os.path.exists(self.info_path) and os.path.exists(self.weights_path):
@@ -87,6 +101,7 @@ class BestCheckpoint(keras.callbacks.Callback):
         if value is None or not math.isfinite(value) or value <= self.best:
             return
         self.best, self.best_epoch = float(value), epoch + 1
+        self.best_weights = [w.copy() for w in self.model.base_model.get_weights()]
         if self.is_chief:
             self.model.base_model.save_weights(self.weights_path)
             _atomic_write_json(self.info_path, {
@@ -181,15 +196,18 @@ class Backup(keras.callbacks.BackupAndRestore):
     """``BackupAndRestore`` (double-checkpointed, so a kill during a save
     falls back to the previous one) that keeps its files after a NaN stop."""
 
-    def __init__(self, backup_dir, nan_guard):
+    def __init__(self, backup_dir, nan_guard, is_chief=True):
         super().__init__(backup_dir, save_freq="epoch", double_checkpoint=True,
                          delete_checkpoint=True)
         self.nan_guard = nan_guard
+        self.is_chief = is_chief
 
     def on_epoch_end(self, epoch, logs=None):
-        if not self.nan_guard.hit:
+        # Only the chief writes; every worker restores from the same files
+        # (all replicas hold identical weights).
+        if self.is_chief and not self.nan_guard.hit:
             super().on_epoch_end(epoch, logs)
 
     def on_train_end(self, logs=None):
-        if not self.nan_guard.hit:
+        if self.is_chief and not self.nan_guard.hit:
             super().on_train_end(logs)

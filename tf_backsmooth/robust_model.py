@@ -129,11 +129,31 @@ class RobustModel(keras.Model):
         self._step_fn = None
         # Whether one call on a concatenated batch equals two calls (no
         # layer computes batch statistics); see methods.forward_pair.
+        if base_model.built:
+            self.built = True  # the wrapper owns no weights of its own
         self.batch_independent = not any(
             isinstance(layer, _BATCH_STAT_LAYERS)
             for layer in base_model._flatten_layers())
 
     # ------------------------------------------------------------------ Keras
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Skips Keras' symbolic build when everything is already built.
+
+        Under a strategy, Keras 3.15 builds by pulling one batch from the
+        distributed iterator and reducing it with ``strategy.reduce``, which
+        (a) fails for MultiWorkerMirroredStrategy (PerReplica values cannot be
+        converted; tensorflow/tensorflow#72388) and (b) consumes a batch of a
+        persistent iterator. RobustModel has no compiled loss or metrics to
+        build, and the base classifier is built on construction, so only the
+        optimizer may still need building.
+        """
+        if all(layer.built for layer in self._flatten_layers()):
+            if self.optimizer is not None and not self.optimizer.built:
+                with self.distribute_strategy.scope():
+                    self.optimizer.build(self.trainable_variables)
+            return
+        super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
     def call(self, inputs, training=False):
         return self.base_model(inputs, training=training)
 
@@ -157,6 +177,12 @@ class RobustModel(keras.Model):
         self._xla_request = jit_compile
         if run_eagerly:
             self.xla, self.xla_reason = False, "run_eagerly"
+        elif any(getattr(layer, "synchronized", False)
+                 for layer in self.base_model._flatten_layers()):
+            # Synchronised BatchNorm all-reduces inside the step: a
+            # cross-replica merge_call, which neither XLA nor a nested
+            # tf.function supports, so the step is inlined in Keras' graph.
+            self.xla, self.xla_reason = False, "synchronized BatchNorm"
         else:
             self.xla, self.xla_reason = resolve_xla(jit_compile)
         self._step_fn = None
@@ -226,7 +252,7 @@ class RobustModel(keras.Model):
 
     def _get_step_fn(self):
         if self._step_fn is None:
-            if self.run_eagerly:
+            if self.run_eagerly or self.xla_reason == "synchronized BatchNorm":
                 self._step_fn = self._grads_and_stats
             else:
                 self._step_fn = tf.function(self._grads_and_stats,
@@ -246,7 +272,18 @@ class RobustModel(keras.Model):
         self.optimizer.apply(grads, self.trainable_variables)
         for key, values in stats.items():
             self._trackers[key].update_state(values)
-        return {n: self._trackers[n].result() for n in self._logged}
+        return self._step_logs({n: self._trackers[n].result()
+                                for n in self._logged})
+
+    def _step_logs(self, logs):
+        """Keras 3.15 reduces multi-worker step logs with ``MEAN`` over axis
+        0, which fails on scalars (tensorflow/tensorflow#72388): give them a
+        leading axis of 1 there, so the reduction yields the scalar mean."""
+        strategy = self.distribute_strategy
+        if (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+                and strategy.extended._in_multi_worker_mode()):
+            return {k: tf.reshape(v, [1]) for k, v in logs.items()}
+        return logs
 
     def test_step(self, data):
         """Clean loss and accuracy in inference mode (robust accuracy on held-out
@@ -257,5 +294,5 @@ class RobustModel(keras.Model):
             objectives.cross_entropy(y, logits), sample_weight)
         accuracy = self._trackers["clean_accuracy"]
         accuracy.update_state(objectives.correct(y, logits), sample_weight)
-        return {"loss": self._trackers["loss"].result(),
-                "clean_accuracy": accuracy.result()}
+        return self._step_logs({"loss": self._trackers["loss"].result(),
+                                "clean_accuracy": accuracy.result()})

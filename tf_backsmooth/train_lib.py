@@ -260,6 +260,10 @@ def build_model(config, info):
     keras.utils.set_random_seed(config.seed)
     base = models.get(config.model, info.num_classes, info.input_shape,
                       mean=info.mean, std=info.std)
+    if config.sync_batchnorm:
+        for layer in base._flatten_layers():
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.synchronized = True  # read by BatchNormalization._moments
     attack_kw = {}
     if config.method != "natural":
         attack_kw = dict(epsilon=config.epsilon, step_size=config.step_size,
@@ -319,16 +323,68 @@ def make_callbacks(config, model, val, global_batch, is_chief=True):
                 log_dir, _to_float(val[0]), val[1], config.epsilon,
                 steps=config.eval_pgd_steps, every=config.eval_every or 1))
     out.append(nan_guard)
-    out.append(cb.Backup(os.path.join(config.model_dir, BACKUP), nan_guard))
+    out.append(cb.Backup(os.path.join(config.model_dir, BACKUP), nan_guard,
+                         is_chief=is_chief))
     return out, nan_guard
+
+
+def _find(callbacks, cls):
+    return next((c for c in callbacks if isinstance(c, cls)), None)
+
+
+def export_classifier(config, info, base):
+    """The classifier to evaluate and export: float32, plain BatchNorm.
+
+    Under a mixed-precision policy or with synchronised BatchNorm, the same
+    architecture is rebuilt under float32 and given the trained weights
+    (variables are float32 in every policy), so evaluation and the exported
+    ``model.keras`` run in full precision and carry no training-only
+    settings.
+    """
+    import keras
+
+    from tf_backsmooth import models
+
+    if config.dtype_policy == "float32" and not config.sync_batchnorm:
+        return base
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float32")
+    try:
+        clone = models.get(config.model, info.num_classes, info.input_shape,
+                           mean=info.mean, std=info.std)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    clone.set_weights(base.get_weights())
+    return clone
+
+
+def weights_fingerprint(model):
+    """sha256 of all weights (float32 bytes, in order): equal iff identical."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for w in model.get_weights():
+        digest.update(np.ascontiguousarray(w, np.float32).tobytes())
+    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------- run
 def run(config, strategy=None, is_chief=True, flags_text=None):
     """Trains and evaluates; returns the results dict (also in results.json).
 
-    ``flags_text`` (the command's flagfile) is saved as ``flags.txt``.
+    ``flags_text`` (the command's flagfile) is saved as ``flags.txt``. The
+    global Keras dtype policy is set for the run and restored afterwards.
     """
+    import keras
+
+    previous_policy = keras.config.dtype_policy()
+    try:
+        return _run(config, strategy, is_chief, flags_text)
+    finally:
+        keras.config.set_dtype_policy(previous_policy)
+
+
+def _run(config, strategy, is_chief, flags_text):
     import keras
     import tensorflow as tf
 
@@ -378,12 +434,13 @@ def run(config, strategy=None, is_chief=True, flags_text=None):
     if train_seconds is None:
         train_seconds = time.time() - train_start
 
+    from tf_backsmooth import callbacks as cb
+
     selected = "last"
-    best_path = os.path.join(config.model_dir, "best.weights.h5")
+    best = _find(callbacks, cb.BestCheckpoint)
     if nan_guard.hit:
         backup = os.path.join(config.model_dir, BACKUP, "latest.weights.h5")
-        if os.path.exists(best_path):
-            model.base_model.load_weights(best_path)
+        if best is not None and best.restore_best(model.base_model):
             selected = "best (after NaN)"
         elif os.path.exists(backup):
             model.load_weights(backup)
@@ -391,12 +448,13 @@ def run(config, strategy=None, is_chief=True, flags_text=None):
         else:
             raise RunError("the loss became NaN in the first epoch; nothing "
                            "to keep. Lower --lr or check the data.")
-    elif val is not None and os.path.exists(best_path):
-        model.base_model.load_weights(best_path)
-        selected = "best"
+    elif best is not None and best.restore_best(model.base_model):
+        selected = f"best (epoch {best.best_epoch}, {best.monitor}=" \
+                   f"{best.best:.4f})"
 
+    classifier = export_classifier(config, info, model.base_model)
     x_test = _to_float(test[0])
-    report = evaluation.evaluate(model.base_model, x_test, test[1],
+    report = evaluation.evaluate(classifier, x_test, test[1],
                                  [config.epsilon], attacks=("pgd",),
                                  pgd_steps=config.test_pgd_steps,
                                  seed=config.seed)
@@ -418,9 +476,10 @@ def run(config, strategy=None, is_chief=True, flags_text=None):
         "steps": int(model.optimizer.iterations.numpy()),
         "nan_stop": nan_guard.hit,
         "xla": model.xla,
+        "weights_sha256": weights_fingerprint(classifier),
         "warnings": report.get("warnings", []),
     }
     if is_chief:
-        model.save(os.path.join(config.model_dir, "model.keras"))
+        classifier.save(os.path.join(config.model_dir, "model.keras"))
         _write_json(os.path.join(config.model_dir, RESULTS), results)
     return results
