@@ -47,6 +47,10 @@ def test_defaults_parse_to_a_valid_config():
     (["--validation_size=-5"], "validation_size"), (["--verbose=3"], "verbose"),
     (["--num_cpu_devices=2"], "num_cpu_devices"), (["--model_dir="], "model_dir"),
     (["--method=natural", "--steps=3"], "natural"),
+    (["--co_guard", "--method=natural"], "co_guard"), (["--co_guard_factor=1"], "co_guard_factor"),
+    (["--co_guard_factor=0"], "co_guard_factor"), (["--co_guard_every=0"], "co_guard_every"),
+    (["--co_guard_examples=0"], "co_guard_examples"), (["--co_guard_gap=1.5"], "co_guard_gap"),
+    (["--co_guard_drop=-0.1"], "co_guard_drop"), (["--co_guard_max_collapses=0"], "co_guard_max_collapses"),
 ])
 def test_rejected_value_names_the_flag(argv, flag):
     with pytest.raises(config_lib.ConfigError, match=flag):
@@ -59,6 +63,8 @@ def test_rejected_value_names_the_flag(argv, flag):
     (["--lr_schedule=step"], "lr_schedule"), (["--strategy=tpu"], "strategy"),
     (["--jit_compile=maybe"], "jit_compile"), (["--dtype_policy=float64"], "dtype_policy"),
     (["--epochs=two"], "epochs"), (["--epsilon=abc"], "epsilon"),
+    (["--co_guard_policy=panic"], "co_guard_policy"), (["--co_guard_rule=x"], "co_guard_rule"),
+    (["--co_guard_fallback=bogus"], "co_guard_fallback"),
 ])
 def test_absl_rejects_bad_types_and_choices(argv, flag):
     with pytest.raises(flags.IllegalFlagValueError, match=flag):
@@ -210,10 +216,23 @@ def test_resume_after_kill_matches_uninterrupted_run(finished_run, mnist_dir, tm
     assert epochs == [1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "experiments").glob("*.flags")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((REPO / "experiments").glob("**/*.flags")),
+                         ids=lambda p: str(p.relative_to(REPO / "experiments")))
 def test_every_experiment_flagfile_is_valid_and_documented(path):
     text = path.read_text()
-    assert f"bin/train --flagfile=experiments/{path.name}" in text
+    assert f"bin/train --flagfile={path.relative_to(REPO)}" in text
     assert "# Expected" in text or "# Result" in text
     config = _parse(f"--flagfile={path}")
     assert config.model_dir.startswith("runs/")
+
+
+def test_co_guard_run_through_bin_train(tmp_path, mnist_dir):
+    run_dir = tmp_path / "guarded"
+    proc = _run(_tiny(run_dir, mnist_dir, "--method=fgsm_rs", "--epochs=2", "--co_guard",
+                      "--co_guard_every=4", "--co_guard_examples=64", "--co_guard_pgd_steps=3"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    guard = results["co_guard"]
+    assert guard["measurements"] >= 4 and guard["extra_grad_evals"] > 0
+    assert results["grad_evals"] == 2 * 8 * 128 * 2 + guard["extra_grad_evals"]
+    assert json.loads((run_dir / "manifest.json").read_text())["co_guard"] == guard

@@ -111,38 +111,61 @@ class BestCheckpoint(keras.callbacks.Callback):
 
 class RunLog(keras.callbacks.Callback):
     """Adds ``learning_rate``, ``examples_per_second`` and cumulative
-    ``grad_evals`` (forward+backward passes per example, summed over examples)
-    to the epoch logs, and appends every epoch's logs to ``metrics.jsonl``."""
+    ``grad_evals`` (forward+backward passes, summed over training examples)
+    to the epoch logs, and appends every epoch's logs to ``metrics.jsonl``.
 
-    def __init__(self, model_dir, global_batch_size, grad_evals_per_example,
-                 is_chief=True):
+    Work is counted per executed batch at the method's current cost, so it
+    stays right when the catastrophic-overfitting guard rolls the optimizer
+    step back or switches method; a resumed run continues the count from the
+    last line of ``metrics.jsonl``.
+    """
+
+    def __init__(self, model_dir, global_batch_size, is_chief=True):
         super().__init__()
         self.path = os.path.join(model_dir, "metrics.jsonl")
         self.global_batch_size = global_batch_size
-        self.grad_evals_per_example = grad_evals_per_example
         self.is_chief = is_chief
+        self.grad_evals = 0.0
         self._start = None
-        self._start_step = 0
+        self._batches = 0
+
+    def on_train_begin(self, logs=None):
+        self._previous = {}
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                for line in f:
+                    record = json.loads(line)
+                    self._previous[record["epoch"]] = record
+        self._first = True
 
     def on_epoch_begin(self, epoch, logs=None):
+        if self._first:  # resuming after `epoch` completed epochs
+            record = self._previous.get(epoch, {})
+            self.grad_evals = float(record.get("grad_evals", 0.0))
+            self._first = False
         self._start = time.perf_counter()
-        self._start_step = int(self.model.optimizer.iterations.numpy())
+        self._batches = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._batches += 1
+        model = self.model
+        self.grad_evals += (self.global_batch_size
+                            * model.method.grad_evals(model.params))
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is None:
             return
         opt = self.model.optimizer
-        step = int(opt.iterations.numpy())
         seconds = time.perf_counter() - self._start
-        examples = (step - self._start_step) * self.global_batch_size
         logs["learning_rate"] = float(keras.ops.convert_to_numpy(
             opt.learning_rate))
-        logs["examples_per_second"] = examples / max(seconds, 1e-9)
+        logs["examples_per_second"] = (self._batches * self.global_batch_size
+                                       / max(seconds, 1e-9))
         logs["epoch_seconds"] = seconds
-        logs["grad_evals"] = float(step * self.global_batch_size
-                                   * self.grad_evals_per_example)
+        logs["grad_evals"] = self.grad_evals
         if self.is_chief:
-            record = {"epoch": epoch + 1, "step": step}
+            record = {"epoch": epoch + 1,
+                      "step": int(opt.iterations.numpy())}
             record.update({k: float(v) for k, v in logs.items()})
             with open(self.path, "a") as f:
                 f.write(json.dumps(record, sort_keys=True) + "\n")

@@ -143,6 +143,8 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "piecewise", "cyclic", "cosine")
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker")
 DTYPE_POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
+CO_RULES = ("drop_and_gap", "drop", "gap", "floor_and_gap")
+CO_POLICIES = ("shrink_step", "switch_method")
 METHODS = ("natural", "pgd_at", "trades", "fgsm_rs", "fast_trades", "gradalign",
            "n_fgsm", "backward_smoothing")
 
@@ -190,6 +192,19 @@ class TrainConfig:
     image_summaries: bool = True
     verbose: int = 1
     overwrite: bool = False
+    # Catastrophic-overfitting guard (tf_backsmooth.co_guard).
+    co_guard: bool = False
+    co_guard_every: int = 200
+    co_guard_examples: int = 128
+    co_guard_pgd_steps: int = 10
+    co_guard_rule: str = "drop_and_gap"
+    co_guard_drop: float = 0.2
+    co_guard_gap: float = 0.2
+    co_guard_floor: float = 0.05
+    co_guard_policy: str = "shrink_step"
+    co_guard_factor: float = 0.5
+    co_guard_fallback: str = "backward_smoothing"
+    co_guard_max_collapses: int = 3
 
     def __post_init__(self):
         check_choice("dataset", self.dataset, DATASETS)
@@ -230,6 +245,21 @@ class TrainConfig:
         check_int("steps", self.steps, low=1, high=100_000, allow_none=True)
         check_real("gamma", self.gamma, low=0.0, allow_none=True)
         check_real("beta", self.beta, low=0.0, allow_none=True)
+        check_int("co_guard_every", self.co_guard_every, low=1)
+        check_int("co_guard_examples", self.co_guard_examples, low=1)
+        check_int("co_guard_pgd_steps", self.co_guard_pgd_steps, low=1)
+        check_choice("co_guard_rule", self.co_guard_rule, CO_RULES)
+        check_real("co_guard_drop", self.co_guard_drop, low=0.0, high=1.0)
+        check_real("co_guard_gap", self.co_guard_gap, low=0.0, high=1.0)
+        check_real("co_guard_floor", self.co_guard_floor, low=0.0, high=1.0)
+        check_choice("co_guard_policy", self.co_guard_policy, CO_POLICIES)
+        check_real("co_guard_factor", self.co_guard_factor, low=0.0,
+                   low_open=True, high=1.0, high_open=True)
+        check_choice("co_guard_fallback", self.co_guard_fallback, METHODS)
+        check_int("co_guard_max_collapses", self.co_guard_max_collapses, low=1)
+        if self.co_guard and self.method == "natural":
+            raise ConfigError("co_guard needs an adversarial method, not "
+                              "'natural'")
         if self.num_cpu_devices and self.strategy != "mirrored":
             raise ConfigError("num_cpu_devices only applies to "
                               "--strategy=mirrored")

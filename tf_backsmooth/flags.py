@@ -100,6 +100,32 @@ def define_flags(flag_values=flags.FLAGS):
     _define(fv, flags.DEFINE_bool, "tensorboard", d.tensorboard, "Write TensorBoard events.")
     _define(fv, flags.DEFINE_bool, "image_summaries", d.image_summaries,
                       "Write clean/adversarial image grids to TensorBoard.")
+    # Catastrophic-overfitting guard.
+    _define(fv, flags.DEFINE_bool, "co_guard", d.co_guard,
+            "Watch for catastrophic overfitting (PGD vs FGSM accuracy on a fixed "
+            "training batch), roll back and mitigate (docs/CO_GUARD.md).")
+    _define(fv, flags.DEFINE_integer, "co_guard_every", d.co_guard_every,
+            "Guard measurement every N training steps.")
+    _define(fv, flags.DEFINE_integer, "co_guard_examples", d.co_guard_examples,
+            "Fixed training examples the guard measures on.")
+    _define(fv, flags.DEFINE_integer, "co_guard_pgd_steps", d.co_guard_pgd_steps,
+            "PGD steps of the guard's measurement.")
+    _define(fv, flags.DEFINE_enum, "co_guard_rule", d.co_guard_rule,
+            config_lib.CO_RULES, "Collapse rule (docs/CO_GUARD.md).")
+    _define(fv, flags.DEFINE_float, "co_guard_drop", d.co_guard_drop,
+            "Collapse: PGD accuracy fell this much below its recent best.")
+    _define(fv, flags.DEFINE_float, "co_guard_gap", d.co_guard_gap,
+            "Collapse: FGSM accuracy exceeds PGD accuracy by this much.")
+    _define(fv, flags.DEFINE_float, "co_guard_floor", d.co_guard_floor,
+            "floor_and_gap rule: PGD accuracy at or below this.")
+    _define(fv, flags.DEFINE_enum, "co_guard_policy", d.co_guard_policy,
+            config_lib.CO_POLICIES, "Mitigation after a rollback.")
+    _define(fv, flags.DEFINE_float, "co_guard_factor", d.co_guard_factor,
+            "shrink_step: multiply the step size by this.")
+    _define(fv, flags.DEFINE_enum, "co_guard_fallback", d.co_guard_fallback,
+            config_lib.METHODS, "switch_method: the method to switch to.")
+    _define(fv, flags.DEFINE_integer, "co_guard_max_collapses",
+            d.co_guard_max_collapses, "Stop after this many collapses.")
     _define(fv, flags.DEFINE_integer, "verbose", None, "Keras verbosity: 0 silent, 1 "
                          "progress bar, 2 one line per epoch (default: 1 on a "
                          "terminal, else 2).")

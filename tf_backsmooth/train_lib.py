@@ -297,13 +297,17 @@ def manifest(config, model, strategy_name, num_replicas):
     }
 
 
-def make_callbacks(config, model, val, global_batch, is_chief=True):
+def make_callbacks(config, model, val, global_batch, is_chief=True,
+                   train=None):
     import keras
 
     from tf_backsmooth import callbacks as cb
 
     nan_guard = cb.NaNGuard()
     out = []
+    if config.co_guard:
+        # First, so a rollback happens before the other callbacks see a step.
+        out.append(make_co_guard(config, train, is_chief))
     if val is not None:
         x_val = _to_float(val[0])
         out.append(cb.RobustValidation(
@@ -311,9 +315,7 @@ def make_callbacks(config, model, val, global_batch, is_chief=True):
             every=config.eval_every, seed=config.seed,
             total_epochs=config.epochs))
         out.append(cb.BestCheckpoint(config.model_dir, is_chief=is_chief))
-    out.append(cb.RunLog(config.model_dir, global_batch,
-                         model.method.grad_evals(model.params),
-                         is_chief=is_chief))
+    out.append(cb.RunLog(config.model_dir, global_batch, is_chief=is_chief))
     if config.tensorboard and is_chief:
         log_dir = os.path.join(config.model_dir, "tensorboard")
         out.append(keras.callbacks.TensorBoard(log_dir, write_graph=False,
@@ -328,8 +330,46 @@ def make_callbacks(config, model, val, global_batch, is_chief=True):
     return out, nan_guard
 
 
+def make_co_guard(config, train, is_chief=True):
+    """The catastrophic-overfitting guard on a fixed, seeded training subset."""
+    from tf_backsmooth.co_guard import COGuard
+
+    n = min(config.co_guard_examples, len(train[1]))
+    pick = np.random.default_rng(config.seed).choice(len(train[1]), n,
+                                                     replace=False)
+    log_dir = (os.path.join(config.model_dir, "tensorboard")
+               if config.tensorboard and is_chief else None)
+    return COGuard(
+        _to_float(train[0][pick]), train[1][pick],
+        every_steps=config.co_guard_every, pgd_steps=config.co_guard_pgd_steps,
+        drop=config.co_guard_drop, gap=config.co_guard_gap,
+        rule=config.co_guard_rule, floor=config.co_guard_floor,
+        policy=config.co_guard_policy, factor=config.co_guard_factor,
+        fallback=config.co_guard_fallback,
+        max_collapses=config.co_guard_max_collapses,
+        model_dir=config.model_dir, log_dir=log_dir, seed=config.seed,
+        is_chief=is_chief)
+
+
 def _find(callbacks, cls):
     return next((c for c in callbacks if isinstance(c, cls)), None)
+
+
+def _total_grad_evals(callbacks):
+    """Training gradient evaluations (RunLog) plus the guard's extra ones."""
+    from tf_backsmooth import callbacks as cb
+    from tf_backsmooth.co_guard import COGuard
+
+    total = _find(callbacks, cb.RunLog).grad_evals
+    guard = _find(callbacks, COGuard)
+    return float(total + (guard.extra_grad_evals if guard is not None else 0))
+
+
+def _co_guard_summary(callbacks):
+    from tf_backsmooth.co_guard import COGuard
+
+    guard = _find(callbacks, COGuard)
+    return guard.summary() if guard is not None else None
 
 
 def export_classifier(config, info, base):
@@ -424,7 +464,8 @@ def _run(config, strategy, is_chief, flags_text):
              config.dataset, steps, num_replicas,
              "on" if model.xla else "off", model.xla_reason, first_epoch)
     callbacks, nan_guard = make_callbacks(config, model, val,
-                                          config.batch_size, is_chief)
+                                          config.batch_size, is_chief,
+                                          train=train)
     train_start = time.time()
     if first_epoch < config.epochs:
         model.fit(train_ds, epochs=config.epochs, steps_per_epoch=steps,
@@ -469,17 +510,22 @@ def _run(config, strategy, is_chief, flags_text):
         "epochs": config.epochs,
         "train_seconds": train_seconds,
         "wall_seconds_this_process": time.time() - started,
-        "grad_evals": float(int(model.optimizer.iterations.numpy())
-                            * config.batch_size
-                            * model.method.grad_evals(model.params)),
+        "grad_evals": _total_grad_evals(callbacks),
         "grad_evals_per_example_per_step": model.method.grad_evals(model.params),
         "steps": int(model.optimizer.iterations.numpy()),
         "nan_stop": nan_guard.hit,
         "xla": model.xla,
         "weights_sha256": weights_fingerprint(classifier),
+        "co_guard": _co_guard_summary(callbacks),
         "warnings": report.get("warnings", []),
     }
     if is_chief:
+        if results["co_guard"] is not None:  # the manifest records its events
+            path = os.path.join(config.model_dir, MANIFEST)
+            with open(path) as f:
+                payload = json.load(f)
+            payload["co_guard"] = results["co_guard"]
+            _write_json(path, payload)
         classifier.save(os.path.join(config.model_dir, "model.keras"))
         _write_json(os.path.join(config.model_dir, RESULTS), results)
     return results
