@@ -19,12 +19,14 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from tf_backsmooth import distribute, models  # noqa: E402
+from step_cost import bench_dataset  # noqa: E402  (tf.data autotune off: see there)
 from tf_backsmooth.robust_model import RobustModel  # noqa: E402
 
 
@@ -32,7 +34,7 @@ def build(strategy, method, batch):
     rs = np.random.RandomState(0)
     x = rs.rand(batch * 4, 28, 28, 1).astype(np.float32)
     y = rs.randint(0, 10, batch * 4)
-    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch, drop_remainder=True).cache().repeat()
+    ds = bench_dataset(x, y, batch)
     with strategy.scope():
         keras.utils.set_random_seed(0)
         base = models.get("small_cnn", 10, (28, 28, 1))

@@ -41,13 +41,16 @@ def data_dir_args(flagfile):
     return [line for line in flagfile.read_text().splitlines() if line.startswith("--data_dir=")]
 
 
-def run_one(ds, method, seed, runs, strong):
+def run_one(ds, method, seed, runs, strong, extra_flags=(), name=None):
+    """Trains and evaluates one grid cell; ``extra_flags`` follow the flagfile
+    (later flags win) and ``name`` replaces ``<ds>_<method>`` in the run dir."""
     flagfile = REPO / "experiments" / "grid" / f"{ds}_{method}.flags"
-    run_dir = runs / f"{ds}_{method}_s{seed}"
-    log = runs / f"{ds}_{method}_s{seed}.log"
+    name = name or f"{ds}_{method}"
+    run_dir = runs / f"{name}_s{seed}"
+    log = runs / f"{name}_s{seed}.log"
     if not (run_dir / "results.json").exists():
         sh([sys.executable, "bin/train", f"--flagfile={flagfile.relative_to(REPO)}",
-            f"--seed={seed}", f"--model_dir={run_dir}", "--verbose=2"], log)
+            *extra_flags, f"--seed={seed}", f"--model_dir={run_dir}", "--verbose=2"], log)
     common = [sys.executable, "bin/evaluate", f"--model_path={run_dir}", f"--dataset={ds}",
               f"--epsilon={EPS[ds]}", "--progress=false", *data_dir_args(flagfile)]
     if not (run_dir / "eval_pgd20.json").exists():
@@ -57,28 +60,36 @@ def run_one(ds, method, seed, runs, strong):
                      f"--num_examples={strong}", f"--output={run_dir / 'eval_strong.json'}"], log)
 
 
-def collect(runs, datasets, methods):
+def collect(runs, datasets, methods, seeds):
     rows = {}
     for ds in datasets:
         for m in methods:
-            for d in sorted(runs.glob(f"{ds}_{m}_s*")):
-                if not (d / "eval_strong.json").exists():
-                    continue
-                res = json.loads((d / "results.json").read_text())
-                pgd20 = json.loads((d / "eval_pgd20.json").read_text())
-                strong = json.loads((d / "eval_strong.json").read_text())
-                acc = strong["attacks"][str(EPS[ds])] if str(EPS[ds]) in strong["attacks"] else \
-                    next(iter(strong["attacks"].values()))
-                curve = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
-                rows.setdefault((ds, m), []).append({
-                    "clean": pgd20["clean_accuracy"], "pgd20": pgd20["robust_accuracy"],
-                    "pgd100": acc.get("pgd"), "aa_lite": acc.get("autoattack_lite"),
-                    "train_s": res["train_seconds"],
-                    # forward+backward passes per training example over the run
-                    "grad_evals_per_example": res["grad_evals_per_example_per_step"] * res["epochs"],
-                    "val_curve": [c.get("val_robust_accuracy") for c in curve],
-                    "strong_n": strong["num_examples"]})
+            for seed in seeds:
+                row = read_run(runs / f"{ds}_{m}_s{seed}", ds)
+                if row is not None:
+                    rows.setdefault((ds, m), []).append(row)
     return rows
+
+
+def read_run(d, ds):
+    """One finished, evaluated run directory as a table row (None if unfinished)."""
+    if not (d / "eval_strong.json").exists():
+        return None
+    res = json.loads((d / "results.json").read_text())
+    pgd20 = json.loads((d / "eval_pgd20.json").read_text())
+    strong = json.loads((d / "eval_strong.json").read_text())
+    acc = strong["attacks"][str(EPS[ds])] if str(EPS[ds]) in strong["attacks"] else \
+        next(iter(strong["attacks"].values()))
+    curve = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
+    return {
+        "clean": pgd20["clean_accuracy"], "pgd20": pgd20["robust_accuracy"],
+        "pgd100": acc.get("pgd"), "aa_lite": acc.get("autoattack_lite"),
+        "train_s": res["train_seconds"],
+        # forward+backward passes per training example over the run
+        "grad_evals_per_example": res["grad_evals_per_example_per_step"] * res["epochs"],
+        "val_curve": [c.get("val_robust_accuracy") for c in curve],
+        "train_attack_curve": [c.get("adv_accuracy") for c in curve],
+        "strong_n": strong["num_examples"]}
 
 
 def fmt(values, pct=True):
@@ -152,15 +163,20 @@ def report(rows, runs, out_md, datasets, methods, command):
     print(f"wrote {out_md}")
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--datasets", default="mnist,fashion_mnist")
-    p.add_argument("--methods", default=",".join(METHODS))
+def add_run_args(p, seeds, output):
+    """The flags shared by the grid runner and bench/mnist_study.py."""
+    p.add_argument("--seeds", default=seeds)
     p.add_argument("--runs", default="runs/grid")
     p.add_argument("--strong_examples", type=int, default=1000)
     p.add_argument("--report_only", action="store_true")
-    p.add_argument("--output", default="docs/RESULTS.md")
+    p.add_argument("--output", default=output)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_run_args(p, "0,1,2", "docs/RESULTS.md")
+    p.add_argument("--datasets", default="mnist,fashion_mnist")
+    p.add_argument("--methods", default=",".join(METHODS))
     args = p.parse_args()
     runs = REPO / args.runs
     runs.mkdir(parents=True, exist_ok=True)
@@ -174,7 +190,7 @@ def main():
                     run_one(ds, m, seed, runs, args.strong_examples)
                     print(f"[{time.time() - start:.0f} s] done {ds} {m} seed {seed}", flush=True)
     command = "python bench/reproduce.py " + " ".join(sys.argv[1:])
-    report(collect(runs, datasets, methods), args.runs, REPO / args.output, datasets, methods, command.strip())
+    report(collect(runs, datasets, methods, seeds), args.runs, REPO / args.output, datasets, methods, command.strip())
 
 
 if __name__ == "__main__":

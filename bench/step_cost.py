@@ -27,13 +27,25 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from tf_backsmooth import methods, models  # noqa: E402
+from tf_backsmooth import data, methods, models  # noqa: E402
 from tf_backsmooth.robust_model import RobustModel  # noqa: E402
 
 SHAPES = {"small_cnn": (28, 28, 1), "mnist_cnn": (28, 28, 1), "mlp": (28, 28, 1),
           "preact_resnet18": (32, 32, 3), "resnet18": (32, 32, 3),
           "wide_resnet": (32, 32, 3)}
 EPS = {(28, 28, 1): 0.3, (32, 32, 3): 8 / 255}
+
+
+def bench_dataset(x, y, batch_size):
+    """An in-memory, endlessly repeated batch pipeline for timing ``fit`` calls.
+
+    Finished by ``data.finish_pipeline`` (tf.data autotuning off): with it on,
+    the end of each timed ``fit`` waited for the autotune thread's next
+    wake-up, so fits of 2.6 s measured 5.11 s and ones of ~10 s 20.47 s here
+    (BUILD_NOTES.md, "Benchmark pitfall: tf.data autotune").
+    """
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size, drop_remainder=True)
+    return data.finish_pipeline(ds.cache().repeat())
 
 
 def build(method, model_name, batch_size, jit):
@@ -48,8 +60,7 @@ def build(method, model_name, batch_size, jit):
     rs = np.random.RandomState(0)
     x = rs.rand(batch_size * 4, *shape).astype(np.float32)
     y = rs.randint(0, 10, batch_size * 4)
-    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size, drop_remainder=True)
-    ds = ds.cache().repeat().prefetch(4)
+    ds = bench_dataset(x, y, batch_size)
     model.fit(ds, steps_per_epoch=3, epochs=1, verbose=0)  # trace + warm up
     return model, ds
 

@@ -408,6 +408,22 @@ def test_make_dataset_batches_dtypes_and_order():
             data.make_dataset("mnist", "test", bad, data_dir=folder)
 
 
+def test_pipelines_run_without_tf_data_autotuning():
+    # With autotuning on, deleting an iterator (every fit's end) waits for the
+    # autotune thread's exponentially backed-off wake-up (BUILD_NOTES.md).
+    from tf_backsmooth import train_lib
+
+    folder = shared_mnist_dir()
+    ds = data.make_dataset("mnist", "train", 32, data_dir=folder, num_examples=64, augment=True)
+    x, y = data.load_arrays("mnist", "test", data_dir=folder, num_examples=64)
+    train_ds, steps = train_lib.train_dataset(x, y, data.get_info("mnist"), 32, seed=0,
+                                              first_epoch=0, epochs=2, augment=False)
+    for pipeline in (ds, train_ds):
+        assert pipeline.options().autotune.enabled is False
+    assert steps == 2 and len(list(train_ds.as_numpy_iterator())) == 4
+    assert len(list(ds.as_numpy_iterator())) == 2
+
+
 def test_make_dataset_shuffling_is_seeded_and_reshuffles():
     folder = shared_mnist_dir()
     kwargs = dict(data_dir=folder, num_examples=64, validation_size=1000)

@@ -156,7 +156,7 @@ def train_dataset(x, y, info, batch_size, seed, first_epoch, epochs, augment):
         return tf.cast(batch, tf.float32) / 255.0, tf.gather(labels, index)
 
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.prefetch(tf.data.AUTOTUNE), steps
+    return data_lib.finish_pipeline(ds), steps
 
 
 def _to_float(x):
