@@ -1,18 +1,18 @@
 #!/usr/bin/env python3
-"""Why Backward Smoothing missed TRADES-10 on MNIST eps 0.3: more seeds and ablations.
+"""MNIST eps 0.3 recipes, per seed: what makes robust training reliable there.
 
-    python bench/mnist_study.py [--seeds=0,1,2,3,4,5] [--variants=...] [--report_only]
+    python bench/mnist_study.py [--variants=...] [--seeds=...] [--report_only]
 
-The reproduction grid (``bench/reproduce.py``) found Backward Smoothing (BS)
-within reach of TRADES-10 in two MNIST seeds and far below it in the third.
-This script trains the grid's MNIST configuration (``experiments/grid/
-mnist_<method>.flags``, unchanged) for more seeds and a few one-flag variants,
-evaluates each run exactly as the grid does (PGD-20 on the 10 000 test images;
-PGD-100x2 and autoattack_lite on the first ``--strong_examples``), and writes
-``docs/MNIST_STUDY.md`` with one row per run, so failures are counted, not
-averaged away. Runs of the unchanged flagfiles share ``runs/grid`` with the
-grid (seeds 0-2 are reused); variants go to ``runs/grid/mnist_<variant>_sS``.
-Finished runs are skipped, so it resumes after a stop.
+Each variant is a recipe flagfile (``experiments/mnist_*.flags``) plus at most
+a few flags that change one thing, trained for several seeds with ``bin/train``
+and evaluated with ``bin/evaluate``; ``docs/MNIST_STUDY.md`` gets one row per
+run, so failures are counted, not averaged away. Variants of the ``recipes``
+group are evaluated as the reproduction grid does (PGD-20 on the 10 000 test
+images, from the run's own final evaluation; PGD-100x2 and autoattack_lite on
+the first ``--strong_examples``); the ``wong`` group with Wong et al.'s attack
+(PGD-50, step 0.01, 10 restarts, first 1000 test images). Finished runs and
+evaluations are skipped, so it resumes after a stop. The tables are rebuilt
+from the run directories only (``--report_only``).
 """
 
 import argparse
@@ -25,89 +25,169 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import reproduce  # noqa: E402
 
 REPO = reproduce.REPO
-# variant -> (grid method whose flagfile is used, extra flags after it, what it tests)
+BS = "experiments/mnist_backward_smoothing.flags"
+TRADES = "experiments/mnist_trades.flags"
+PGD = "experiments/mnist_pgd_at.flags"
+WONG = "experiments/mnist_fgsm_rs_wong.flags"
+SIX, THREE = "0,1,2,3,4,5", "0,1,2"
+VAL = ["--validation_size=1000", "--eval_every=1"]  # another data order, best-epoch selection
+OURS = ["--clip_start=true", "--normalize=true", "--init=keras"]  # our defaults before issue 11
+# name -> (group, flagfile, extra flags, default seeds, what it tests)
 VARIANTS = {
-    "trades": ("trades", [], "TRADES-10, the grid flagfile unchanged"),
-    "backward_smoothing": ("backward_smoothing", [], "BS, the grid flagfile unchanged (alpha = eps = 0.3)"),
-    "bs_alpha_half": ("backward_smoothing", ["--step_size=0.15"],
-                      "BS with step size eps/2 = 0.15 for both the backward step and the TRADES step: "
-                      "is the full-size step the cause?"),
-    "bs_beta_1": ("backward_smoothing", ["--beta=1"],
-                  "BS with beta = 1: does a weaker KL term avoid masking early on?"),
-    "bs_steps_2": ("backward_smoothing", ["--steps=2"],
-                   "BS with two TRADES steps after the backward step (4 gradient evaluations "
-                   "per example instead of 3): is the one-step attack too weak?"),
+    "trades": ("recipes", TRADES, [], SIX, "TRADES-10, the recipe flagfile"),
+    "backward_smoothing": ("recipes", BS, [], SIX, "Backward Smoothing, the recipe flagfile"),
+    "bs_warmup_only": ("recipes", BS, ["--failure_restarts=0"], SIX,
+                       "BS recipe without the automatic restart (warm-up only)"),
+    "bs_warmup_1": ("recipes", BS, ["--epsilon_warmup_epochs=1"], THREE,
+                    "BS with a warm-up over 1 epoch instead of 2.5 (the first recipe tried)"),
+    "bs_no_warmup": ("recipes", BS, ["--epsilon_warmup_epochs=0"], SIX,
+                     "BS recipe without the epsilon warm-up (= the grid's old MNIST recipe)"),
+    "pgd_at": ("recipes", PGD, [], "0,1", "PGD-AT with 40 steps of 0.01, the recipe flagfile"),
+    "wong": ("wong", WONG, [], THREE, "Wong et al.'s FGSM-RS recipe, flag for flag"),
+    "wong_val": ("wong", WONG, VAL, THREE,
+                 "... but 1000 training images held out for validation (another data order; "
+                 "the exported model is the best epoch by validation PGD-10)"),
+    "wong_ours_val": ("wong", WONG, VAL + OURS, THREE,
+                      "... with the validation split and our three previous defaults: the command of "
+                      "issue 11 that collapsed for seed 0"),
+    "wong_val_clip_start": ("wong", WONG, VAL + OURS[:1], "0,1",
+                            "wong_val with one of our defaults: the start clipped before the gradient pass"),
+    "wong_val_normalize": ("wong", WONG, VAL + OURS[1:2], "0",
+                           "wong_val with one of our defaults: normalisation by the MNIST mean and std"),
+    "wong_val_keras_init": ("wong", WONG, VAL + OURS[2:], "0",
+                            "wong_val with one of our defaults: Keras' initialisation"),
+    "wong_clip_start": ("wong", WONG, ["--clip_start=true"], THREE,
+                        "... but the random start is clipped to [0, 1] before the gradient pass"),
+    "wong_normalize": ("wong", WONG, ["--normalize=true"], THREE,
+                       "... but the network normalises by the MNIST mean and std"),
+    "wong_keras_init": ("wong", WONG, ["--init=keras"], THREE,
+                        "... but Keras' initialisation (Glorot uniform, zero bias)"),
+    "wong_ours": ("wong", WONG, OURS, THREE,
+                  "... with all three of our previous defaults (clipped start, normalisation, "
+                  "Keras init)"),
 }
-FAIL = 0.5  # a run whose autoattack_lite accuracy is below this is counted as failed
+EVALS = {"recipes": ("strong",), "wong": ("wong",)}
+FAIL = 0.5  # recipes: a run whose autoattack_lite accuracy is below this is counted as failed
+WONG_FAIL = 0.75  # wong: a seed below this fails issue 11's criterion
 
 
 def pct(v):
     return "-" if v is None else f"{100 * v:.1f}"
 
 
+def _seeds(variant, override):
+    return [int(s) for s in (override or VARIANTS[variant][3]).split(",")]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    reproduce.add_run_args(p, "0,1,2,3,4,5", "docs/MNIST_STUDY.md")
+    reproduce.add_run_args(p, None, "docs/MNIST_STUDY.md")
+    p.set_defaults(runs="runs/study")
     p.add_argument("--variants", default=",".join(VARIANTS))
     args = p.parse_args()
     variants = args.variants.split(",")
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"--variants: unknown {unknown}; valid: {', '.join(VARIANTS)}")
-    seeds = [int(s) for s in args.seeds.split(",")]
     runs = REPO / args.runs
     runs.mkdir(parents=True, exist_ok=True)
     start = time.time()
     if not args.report_only:
         for v in variants:  # variant-major: each variant's seeds finish together
-            for seed in seeds:
-                method, extra, _ = VARIANTS[v]
-                reproduce.run_one("mnist", method, seed, runs, args.strong_examples,
-                                  extra_flags=extra, name=f"mnist_{v}")
+            group, flagfile, extra, _, _ = VARIANTS[v]
+            for seed in _seeds(v, args.seeds):
+                reproduce.run_one("mnist", None, seed, runs, args.strong_examples,
+                                  extra_flags=extra, name=f"mnist_{v}", flagfile=flagfile,
+                                  evals=EVALS[group])
                 print(f"[{time.time() - start:.0f} s] done {v} seed {seed}", flush=True)
+    write_report(args, runs)
 
-    command = f"python bench/mnist_study.py --seeds={args.seeds} --variants={args.variants}"
-    lines = ["# MNIST eps 0.3: Backward Smoothing vs TRADES-10, per seed", "",
-             f"Produced by `{command}` (rows read back from `{args.runs}`; `--report_only` "
-             "rebuilds this file without training).",
-             "Every run uses the grid's MNIST setup (`mnist_cnn`, 5 epochs, Adam 1e-3 piecewise, "
-             "batch 128; best epoch by validation PGD-10) and the grid's evaluation: PGD-20 on all "
-             "10 000 test images, autoattack_lite on the first N. `val PGD-10 e1` is the validation "
-             "robust accuracy after epoch 1; `train-attack acc` is the training accuracy on the "
-             "method's own adversarial examples in the last epoch. A run is counted as failed when "
-             f"its autoattack_lite accuracy is below {100 * FAIL:.0f} %.", ""]
-    summary = ["| variant | extra flags | runs | failed | AA-lite %, all runs | AA-lite %, runs not failed | train s |",
-               "|---|---|---|---|---|---|---|"]
-    table = ["| variant | seed | clean % | PGD-20 % | AA-lite % | N | val PGD-10 e1 % | best val PGD-10 % | train-attack acc % | train s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for v in variants:
-        method, extra, what = VARIANTS[v]
-        rows = []
-        for seed in seeds:
-            r = reproduce.read_run(runs / f"mnist_{v}_s{seed}", "mnist")
-            if r is None:
-                continue
-            rows.append(r)
-            val = [c for c in r["val_curve"] if c is not None]
-            adv = [c for c in r["train_attack_curve"] if c is not None]
-            table.append(f"| {v} | {seed} | {pct(r['clean'])} | {pct(r['pgd20'])} | {pct(r['aa_lite'])} | "
-                         f"{r['strong_n']} | {pct(val[0] if val else None)} | {pct(max(val) if val else None)} | "
-                         f"{pct(adv[-1] if adv else None)} | {r['train_s']:.0f} |")
-        if not rows:
+
+def write_report(args, runs):
+    command = "python bench/mnist_study.py " + " ".join(sys.argv[1:])
+    lines = ["# MNIST eps 0.3: recipes that train, per seed", "",
+             f"Produced by `{command.strip()}` (rows read back from `{args.runs}`; `--report_only` "
+             "rebuilds this file without training). Every number is one run; failures are rows "
+             "too. Times are seconds of training on this 2-core CPU (graph mode), runs one at a time.",
+             ""]
+    for group, title, header, row_fn, summary_fn in (
+            ("recipes", "Recipes (`experiments/mnist_*.flags`)",
+             "| variant | seed | clean % | PGD-20 % (10 000) | PGD-100x2 % | AA-lite % | N | "
+             "val PGD-10 e1 % | train-attack acc % | train s |",
+             _recipe_row, _recipe_summary),
+            ("wong", "Wong et al.'s FGSM-RS recipe and one-change ablations "
+             "(`experiments/mnist_fgsm_rs_wong.flags`)",
+             "| variant | seed | clean % (1000) | PGD-50x10 % (1000) | PGD-20 % (10 000) | "
+             "train-attack acc % | train s |",
+             _wong_row, _wong_summary)):
+        names = [v for v in VARIANTS if VARIANTS[v][0] == group]
+        rows = {v: [(s, r) for s in _seeds(v, args.seeds)
+                    if (r := reproduce.read_run(runs / f"mnist_{v}_s{s}", "mnist",
+                                                EVALS[group])) is not None]
+                for v in names}
+        names = [v for v in names if rows[v]]
+        if not names:
             continue
-        every = [r["aa_lite"] for r in rows if r["aa_lite"] is not None]
-        ok = [a for a in every if a >= FAIL]
-        summary.append(f"| {v} | `{' '.join(extra) or '(none)'}` | {len(rows)} | "
-                       f"{len(every) - len(ok)} | {reproduce.fmt(every)} | {reproduce.fmt(ok)} | "
-                       f"{statistics.mean(r['train_s'] for r in rows):.0f} |")
-        lines.append(f"* `{v}`: {what}; flagfile `experiments/grid/mnist_{method}.flags`.")
-    lines += ["", "## Summary", ""] + summary + ["", "## Per run", ""] + table + [""]
+        lines += [f"## {title}", ""]
+        for v in names:
+            _, flagfile, extra, _, what = VARIANTS[v]
+            command = " ".join([f"bin/train --flagfile={flagfile}", *extra])
+            lines.append(f"* `{v}`: {what}: `{command}`")
+        lines += ["", "### Summary", ""] + summary_fn(names, rows)
+        lines += ["", "### Per run", "", header,
+                  "|" + "---|" * (header.count("|") - 1)]
+        for v in names:
+            lines += [row_fn(v, s, r) for s, r in rows[v]]
+        lines.append("")
     out = REPO / args.output
     existing = out.read_text() if out.exists() else ""
     marker = "<!-- analysis -->"
     analysis = existing[existing.index(marker):] if marker in existing else marker + "\n"
     out.write_text("\n".join(lines) + "\n" + analysis)
     print(f"wrote {out}")
+
+
+def _last(curve):
+    return [c for c in curve if c is not None]
+
+
+def _recipe_row(v, seed, r):
+    val, adv = _last(r["val_curve"]), _last(r["train_attack_curve"])
+    return (f"| {v} | {seed} | {pct(r['clean'])} | {pct(r['pgd20'])} | {pct(r['pgd100'])} | "
+            f"{pct(r['aa_lite'])} | {r['strong_n']} | {pct(val[0] if val else None)} | "
+            f"{pct(adv[-1] if adv else None)} | {r['train_s']:.0f} |")
+
+
+def _recipe_summary(names, rows):
+    out = ["| variant | runs | failed (AA-lite < 50 %) | clean % | PGD-20 % | AA-lite %, all runs | "
+           "AA-lite %, runs not failed | train s |", "|---|---|---|---|---|---|---|---|"]
+    for v in names:
+        rs = [r for _, r in rows[v]]
+        every = [r["aa_lite"] for r in rs if r["aa_lite"] is not None]
+        ok = [a for a in every if a >= FAIL]
+        out.append(f"| {v} | {len(rs)} | {len(every) - len(ok)} | "
+                   f"{reproduce.fmt([r['clean'] for r in rs])} | "
+                   f"{reproduce.fmt([r['pgd20'] for r in rs])} | {reproduce.fmt(every)} | "
+                   f"{reproduce.fmt(ok)} | {statistics.mean(r['train_s'] for r in rs):.0f} |")
+    return out
+
+
+def _wong_row(v, seed, r):
+    adv = _last(r["train_attack_curve"])
+    return (f"| {v} | {seed} | {pct(r['wong_clean'])} | {pct(r['wong'])} | {pct(r['pgd20'])} | "
+            f"{pct(adv[-1] if adv else None)} | {r['train_s']:.0f} |")
+
+
+def _wong_summary(names, rows):
+    out = ["| variant | runs | PGD-50x10 %, mean ± sd | min % | seeds below 75 % | clean % | train s |",
+           "|---|---|---|---|---|---|---|"]
+    for v in names:
+        rs = [r for _, r in rows[v]]
+        w = [r["wong"] for r in rs]
+        out.append(f"| {v} | {len(rs)} | {reproduce.fmt(w)} | {pct(min(w))} | "
+                   f"{sum(x < WONG_FAIL for x in w)} | {reproduce.fmt([r['wong_clean'] for r in rs])} | "
+                   f"{statistics.mean(r['train_s'] for r in rs):.0f} |")
+    return out
 
 
 if __name__ == "__main__":

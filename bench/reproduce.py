@@ -41,10 +41,21 @@ def data_dir_args(flagfile):
     return [line for line in flagfile.read_text().splitlines() if line.startswith("--data_dir=")]
 
 
-def run_one(ds, method, seed, runs, strong, extra_flags=(), name=None):
+# Wong et al.'s MNIST evaluation: PGD-50, step 0.01, 10 restarts, first 1000 test images.
+WONG_EVAL = ["--attacks=pgd", "--pgd_steps=50", "--step_size=0.01", "--restarts=10",
+             "--num_examples=1000"]
+
+
+def run_one(ds, method, seed, runs, strong, extra_flags=(), name=None, flagfile=None,
+            evals=("pgd20", "strong")):
     """Trains and evaluates one grid cell; ``extra_flags`` follow the flagfile
-    (later flags win) and ``name`` replaces ``<ds>_<method>`` in the run dir."""
-    flagfile = REPO / "experiments" / "grid" / f"{ds}_{method}.flags"
+    (later flags win) and ``name`` replaces ``<ds>_<method>`` in the run dir.
+    ``flagfile`` replaces the grid's ``experiments/grid/<ds>_<method>.flags``.
+    ``evals``: ``pgd20`` (all test images; without it the training run's own
+    final PGD-20 on all test images is read), ``strong`` (PGD-100x2 and
+    autoattack_lite on the first ``strong``) and ``wong`` (Wong et al.'s
+    PGD-50 x 10, step 0.01, first 1000 test images)."""
+    flagfile = REPO / (flagfile or f"experiments/grid/{ds}_{method}.flags")
     name = name or f"{ds}_{method}"
     run_dir = runs / f"{name}_s{seed}"
     log = runs / f"{name}_s{seed}.log"
@@ -53,9 +64,11 @@ def run_one(ds, method, seed, runs, strong, extra_flags=(), name=None):
             *extra_flags, f"--seed={seed}", f"--model_dir={run_dir}", "--verbose=2"], log)
     common = [sys.executable, "bin/evaluate", f"--model_path={run_dir}", f"--dataset={ds}",
               f"--epsilon={EPS[ds]}", "--progress=false", *data_dir_args(flagfile)]
-    if not (run_dir / "eval_pgd20.json").exists():
+    if "wong" in evals and not (run_dir / "eval_wong.json").exists():
+        sh(common + WONG_EVAL + [f"--output={run_dir / 'eval_wong.json'}"], log)
+    if "pgd20" in evals and not (run_dir / "eval_pgd20.json").exists():
         sh(common + ["--attacks=pgd", "--pgd_steps=20", f"--output={run_dir / 'eval_pgd20.json'}"], log)
-    if not (run_dir / "eval_strong.json").exists():
+    if "strong" in evals and not (run_dir / "eval_strong.json").exists():
         sh(common + ["--attacks=pgd,autoattack_lite", "--pgd_steps=100", "--restarts=2",
                      f"--num_examples={strong}", f"--output={run_dir / 'eval_strong.json'}"], log)
 
@@ -71,15 +84,23 @@ def collect(runs, datasets, methods, seeds):
     return rows
 
 
-def read_run(d, ds):
+def _json(path):
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def read_run(d, ds, evals=("pgd20", "strong")):
     """One finished, evaluated run directory as a table row (None if unfinished)."""
-    if not (d / "eval_strong.json").exists():
+    wanted = {"pgd20": "eval_pgd20.json", "strong": "eval_strong.json", "wong": "eval_wong.json"}
+    if not (d / "results.json").exists() or not all((d / wanted[e]).exists() for e in evals):
         return None
-    res = json.loads((d / "results.json").read_text())
-    pgd20 = json.loads((d / "eval_pgd20.json").read_text())
-    strong = json.loads((d / "eval_strong.json").read_text())
-    acc = strong["attacks"][str(EPS[ds])] if str(EPS[ds]) in strong["attacks"] else \
-        next(iter(strong["attacks"].values()))
+    res = _json(d / "results.json")
+    pgd20 = _json(d / "eval_pgd20.json") or res  # the run's own PGD-20 on all test images
+    strong = _json(d / "eval_strong.json")
+    acc = {}
+    if strong is not None:
+        acc = strong["attacks"][str(EPS[ds])] if str(EPS[ds]) in strong["attacks"] else \
+            next(iter(strong["attacks"].values()))
+    wong = _json(d / "eval_wong.json")
     curve = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
     return {
         "clean": pgd20["clean_accuracy"], "pgd20": pgd20["robust_accuracy"],
@@ -89,7 +110,9 @@ def read_run(d, ds):
         "grad_evals_per_example": res["grad_evals_per_example_per_step"] * res["epochs"],
         "val_curve": [c.get("val_robust_accuracy") for c in curve],
         "train_attack_curve": [c.get("adv_accuracy") for c in curve],
-        "strong_n": strong["num_examples"]}
+        "strong_n": strong["num_examples"] if strong else None,
+        "wong": wong["robust_accuracy"] if wong else None,
+        "wong_clean": wong["clean_accuracy"] if wong else None}
 
 
 def fmt(values, pct=True):

@@ -168,3 +168,34 @@ def test_pgd_rejects_bad_restarts_and_loss(cnn):
         attacks.pgd(f, x, y, 0.1, 0.01, 1, restarts=0)
     with pytest.raises(ValueError, match="loss"):
         attacks.pgd(f, x, y, 0.1, 0.01, 1, loss="l2")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fgsm_unclipped_start_takes_the_gradient_outside_the_box(mode):
+    """``clip_start=False`` (Wong et al.'s MNIST code) takes the input gradient
+    at the raw start ``x + delta``, which leaves ``[0, 1]`` near black pixels;
+    ``clip_start=True`` at the projected start. On ``f(x) = sin(8x) W + b`` the
+    gradient's sign flips between the two points, so the results differ."""
+    rs = np.random.RandomState(5)
+    W = rs.randn(D, C).astype(np.float32)
+    b = np.zeros(C, np.float32)
+    x = np.where(rs.rand(B, D) < 0.6, 0.0, rs.uniform(0.0, 1.0, (B, D))).astype(np.float32)
+    y = rs.randint(0, C, B)
+    eps, step = 0.3, 0.375
+    noise = rs.uniform(-eps, eps, (B, D)).astype(np.float32)
+    f = lambda v: tf.matmul(tf.sin(8.0 * v), W) + b  # noqa: E731
+
+    def grad(v):  # d/dv sum CE(sin(8v) W + b, y)
+        z = np.sin(8 * v) @ W + b
+        return 8 * np.cos(8 * v) * ((ref.softmax(z) - ref.onehot(y, C)) @ W.T)
+
+    x64 = x.astype(np.float64)
+    raw = x64 + noise
+    expected = {False: ref.clip(raw + step * np.sign(grad(raw)), x64, eps),
+                True: ref.clip(ref.clip(raw, x64, eps)
+                               + step * np.sign(grad(ref.clip(raw, x64, eps))), x64, eps)}
+    assert np.abs(expected[False] - expected[True]).max() > 0.1  # the option matters here
+    for clip_start in (False, True):
+        got = run_in_mode(lambda: attacks.fgsm(f, x, y, eps, step, init_noise=noise,
+                                               clip_start=clip_start), mode)
+        _close(got, expected[clip_start])

@@ -142,6 +142,24 @@ def test_scripted_collapse_fires_once_and_healthy_run_stays_silent():
     assert event["window_best_pgd_accuracy"] == 0.5
 
 
+def test_guard_waits_for_the_end_of_an_epsilon_warmup():
+    """During a warm-up the model trains below the full epsilon the guard
+    measures at: the guard skips those checks and starts once the schedule
+    reaches epsilon (step 6 of a 6-step warm-up: checks at steps 6, 8, ...)."""
+    from tf_backsmooth import schedules
+
+    x, y = _data(32)
+    script = Scripted([HEALTHY])
+    guard = COGuard(measure_fn=script, every_steps=2, policy="none")
+    model = _model(epsilon_schedule=schedules.EpsilonWarmup(0.1, 6))
+    model.fit(x, y, batch_size=8, epochs=4, shuffle=False, verbose=0, callbacks=[guard])
+    # 16 steps: the baseline before step 0, then checks due after steps 2, 4,
+    # ..., 16; those after steps 2 and 4 fall in the warm-up (the next step
+    # trains at 3/6 and 5/6 of epsilon) and are skipped.
+    assert [m["step"] for m in guard.history] == [0, 6, 8, 10, 12, 14, 16]
+    assert script.calls == 7
+
+
 def test_gradual_slide_does_not_refresh_snapshot():
     """A measurement 0.15 below the window best is not a collapse but is not
     healthy either: the rollback target stays the earlier snapshot."""

@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import two_replica_strategy
-from tf_backsmooth import distribute
+from tf_backsmooth import distribute, schedules
 from tf_backsmooth.robust_model import RobustModel
 
 GLOBAL_BATCH = 16
@@ -39,7 +39,12 @@ def _two():
     ("natural", {}),
     ("pgd_at", {"epsilon": 0.1, "steps": 3, "random_start": False}),
     ("fgsm_rs", {"epsilon": 0.1, "random_start": False}),
-])
+    # Epsilon warm-up: a different epsilon at each of the two steps.
+    ("pgd_at", {"epsilon": 0.1, "steps": 3, "random_start": False,
+                "epsilon_schedule": schedules.EpsilonWarmup(0.1, 2)}),
+    ("fgsm_rs", {"epsilon": 0.1, "random_start": False,
+                 "epsilon_schedule": schedules.EpsilonWarmup(0.1, 3)}),
+], ids=["natural", "pgd_at", "fgsm_rs", "pgd_at_warmup", "fgsm_rs_warmup"])
 def test_two_replicas_match_one_device(method, kw, jit):
     one, h1 = _fit(tf.distribute.get_strategy(), method, jit, **kw)
     two, h2 = _fit(_two(), method, jit, **kw)
@@ -49,6 +54,8 @@ def test_two_replicas_match_one_device(method, kw, jit):
         np.testing.assert_allclose(a, b, atol=1e-5)
     assert h1["loss"][0] == pytest.approx(h2["loss"][0], rel=1e-5)
     assert h1["clean_accuracy"][0] == pytest.approx(h2["clean_accuracy"][0])
+    if "epsilon_schedule" in kw:
+        assert h1["epsilon"][0] == pytest.approx(h2["epsilon"][0])
 
 
 @pytest.mark.parametrize("jit", [False, True])

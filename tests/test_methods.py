@@ -7,6 +7,8 @@ hash RNG), then the float64 loss differentiated by central differences. One
 ``fit`` step must match it in eager, graph and XLA mode.
 """
 
+import dataclasses
+
 import keras
 import numpy as np
 import pytest
@@ -169,3 +171,41 @@ def test_natural_needs_no_attack_parameters():
     model.compile(optimizer="sgd")
     logs = model.fit(x, y, batch_size=B, verbose=0).history
     assert "adv_accuracy" not in logs and "clean_accuracy" in logs
+
+
+# ------------------------------------------------------------ epsilon warm-up
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", sorted(set(methods.names()) - {"natural"}))
+def test_one_step_at_a_warmed_up_epsilon_equals_hand_computed_update(name, mode):
+    """Step 0 of a 4-step linear warm-up trains at eps/4 with every step size
+    scaled by 1/4: the update equals the hand computation at those values."""
+    from tf_backsmooth import schedules
+
+    W, b, x, y = _setup()
+    kw = {"steps": 3} if name in ("pgd_at", "trades") else {}
+    model = _robust(name, W, b, epsilon_schedule=schedules.EpsilonWarmup(EPS, 4), **kw)
+    model.compile(optimizer=keras.optimizers.SGD(LR), run_eagerly=(mode == "eager"),
+                  jit_compile=(mode == "xla"))
+    history = model.fit(x, y, batch_size=B, epochs=1, shuffle=False, verbose=0)
+    assert history.history["epsilon"][0] == pytest.approx(EPS / 4)
+    full = model.params
+    scaled = dataclasses.replace(full, epsilon=EPS / 4, step_size=full.step_size / 4)
+    loss_fn = _expected_loss(name, scaled, W, b, x, y)
+    W64, b64 = W.astype(np.float64), b.astype(np.float64)
+    gW, gb = ref.numeric_grad(loss_fn, [W64, b64])
+    new_W, new_b = model.base_model.get_weights()
+    np.testing.assert_allclose(new_W, W64 - LR * gW, atol=2e-5)
+    np.testing.assert_allclose(new_b, b64 - LR * gb, atol=2e-5)
+    # ... and differs from the update at the full epsilon (the test can fail).
+    gW_full, _ = ref.numeric_grad(_expected_loss(name, full, W, b, x, y), [W64, b64])
+    assert np.abs(LR * (gW - gW_full)).max() > 1e-4
+
+
+def test_fgsm_rs_unclipped_start_is_a_method_keyword():
+    p = methods.resolve_params("fgsm_rs", epsilon=0.3, clip_start=False)
+    assert p.get("clip_start") is False
+    assert methods.resolve_params("fgsm_rs", epsilon=0.3).get("clip_start") is True
+    with pytest.raises(ValueError, match="clip_start"):
+        methods.resolve_params("fgsm_rs", epsilon=0.3, clip_start="no")
+    with pytest.raises(ValueError, match="unknown keyword"):
+        methods.resolve_params("trades", epsilon=0.3, clip_start=False)

@@ -180,3 +180,26 @@ def test_saved_models_reload_with_plain_keras(tmp_path):
         np.testing.assert_allclose(
             np.load(path + "_reloaded.npy"), expected[path], rtol=1e-5, atol=1e-6
         )
+
+
+def test_torch_init_draws_kernels_and_biases_like_pytorch():
+    """PyTorch's Conv2d/Linear default: kernel and bias ~ U(-1/sqrt(fan_in),
+    1/sqrt(fan_in)); Keras': Glorot kernels, zero biases."""
+    keras.utils.set_random_seed(0)
+    model = models.get("mnist_cnn", 10, MNIST, init="torch")
+    keras.utils.set_random_seed(0)
+    glorot = models.get("mnist_cnn", 10, MNIST)
+    for layer in model.layers:
+        if not isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)):
+            continue
+        kernel, bias = (w.numpy() for w in (layer.kernel, layer.bias))
+        bound = 1 / np.sqrt(np.prod(kernel.shape[:-1]))
+        for w in (kernel, bias):
+            assert np.abs(w).max() <= bound
+            assert np.abs(w).max() > 0.5 * bound  # spread over the whole interval
+        # Uniform on [-b, b]: standard deviation b / sqrt(3).
+        assert kernel.std() == pytest.approx(bound / np.sqrt(3), rel=0.1)
+        assert not np.allclose(kernel, glorot.get_layer(layer.name).kernel.numpy())
+        assert np.all(glorot.get_layer(layer.name).bias.numpy() == 0)
+    with pytest.raises(ValueError, match="init"):
+        models.get("mlp", 10, MNIST, init="he")

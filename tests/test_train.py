@@ -30,6 +30,11 @@ def test_defaults_parse_to_a_valid_config():
     config = _parse()
     assert config.method == "backward_smoothing" and config.jit_compile == "auto"
     assert _parse("--jit_compile=true", "--lambda_=0.3", "--method=gradalign").method_kwargs == {"lambda_": 0.3}
+    wong = _parse("--method=fgsm_rs", "--clip_start=false", "--normalize=false", "--init=torch",
+                  "--epsilon_warmup_epochs=0.5")
+    assert wong.method_kwargs == {"clip_start": False}
+    assert (wong.normalize, wong.init, wong.epsilon_warmup_epochs) == (False, "torch", 0.5)
+    assert (config.normalize, config.init, config.epsilon_warmup_epochs) == (True, "keras", 0.0)
 
 
 @pytest.mark.parametrize("argv,flag", [
@@ -51,6 +56,11 @@ def test_defaults_parse_to_a_valid_config():
     (["--co_guard_factor=0"], "co_guard_factor"), (["--co_guard_every=0"], "co_guard_every"),
     (["--co_guard_examples=0"], "co_guard_examples"), (["--co_guard_gap=1.5"], "co_guard_gap"),
     (["--co_guard_drop=-0.1"], "co_guard_drop"), (["--co_guard_max_collapses=0"], "co_guard_max_collapses"),
+    (["--epsilon_warmup_epochs=-1"], "epsilon_warmup_epochs"),
+    (["--epsilon_warmup_epochs=11", "--epochs=10"], "epsilon_warmup_epochs"),
+    (["--epsilon_warmup_epochs=1", "--method=natural"], "epsilon_warmup_epochs"),
+    (["--failure_restarts=1", "--eval_every=0"], "failure_restarts"),
+    (["--failure_restarts=-1"], "failure_restarts"), (["--failure_gap=2"], "failure_gap"),
 ])
 def test_rejected_value_names_the_flag(argv, flag):
     with pytest.raises(config_lib.ConfigError, match=flag):
@@ -64,7 +74,8 @@ def test_rejected_value_names_the_flag(argv, flag):
     (["--jit_compile=maybe"], "jit_compile"), (["--dtype_policy=float64"], "dtype_policy"),
     (["--epochs=two"], "epochs"), (["--epsilon=abc"], "epsilon"),
     (["--co_guard_policy=panic"], "co_guard_policy"), (["--co_guard_rule=x"], "co_guard_rule"),
-    (["--co_guard_fallback=bogus"], "co_guard_fallback"),
+    (["--co_guard_fallback=bogus"], "co_guard_fallback"), (["--init=he"], "init"),
+    (["--normalize=maybe"], "normalize"), (["--clip_start=maybe"], "clip_start"),
 ])
 def test_absl_rejects_bad_types_and_choices(argv, flag):
     with pytest.raises(flags.IllegalFlagValueError, match=flag):
@@ -100,6 +111,8 @@ def _tiny(model_dir, mnist_dir, *extra):
             "--batch_size=128", "--num_train_examples=1024", "--optimizer=adam",
             "--lr=0.003", "--lr_schedule=constant", "--eval_examples=200", "--eval_pgd_steps=5",
             "--test_examples=300", "--test_pgd_steps=5", "--verbose=2",
+            # 24 of the 32 steps ramp epsilon up, so the resume test resumes mid-warm-up.
+            "--epsilon_warmup_epochs=3",
             f"--model_dir={model_dir}", *extra]
 
 
@@ -126,8 +139,11 @@ def test_run_directory_contents(finished_run):
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["xla"]["used"] is False and "reason" in manifest["xla"]
     assert "--epsilon=0.1" in (run_dir / "flags.txt").read_text()
-    epochs = [json.loads(l)["epoch"] for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert epochs == [1, 2, 3, 4]
+    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+    # The epsilon of each epoch's last step (8 steps/epoch, 24-step warm-up).
+    np.testing.assert_allclose([r["epsilon"] for r in records],
+                               [0.1 * min(1.0, 8 * e / 24) for e in (1, 2, 3, 4)], rtol=1e-5)
     assert "robust test accuracy" in proc.stdout
 
 
@@ -212,8 +228,13 @@ def test_resume_after_kill_matches_uninterrupted_run(finished_run, mnist_dir, tm
     again = json.loads((run_dir / "results.json").read_text())
     for key in ("clean_accuracy", "robust_accuracy", "epochs", "steps", "grad_evals"):
         assert again[key] == full[key], key
-    epochs = sorted({json.loads(l)["epoch"] for l in (run_dir / "metrics.jsonl").read_text().splitlines()})
-    assert epochs == [1, 2, 3, 4]
+    records = {json.loads(l)["epoch"]: json.loads(l)
+               for l in (run_dir / "metrics.jsonl").read_text().splitlines()}
+    assert sorted(records) == [1, 2, 3, 4]
+    full_records = {json.loads(l)["epoch"]: json.loads(l)
+                    for l in (full_dir / "metrics.jsonl").read_text().splitlines()}
+    for epoch in (1, 2, 3, 4):  # the resumed run followed the same epsilon schedule
+        assert records[epoch]["epsilon"] == pytest.approx(full_records[epoch]["epsilon"])
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "experiments").glob("**/*.flags")),
@@ -229,6 +250,7 @@ def test_every_experiment_flagfile_is_valid_and_documented(path):
 def test_co_guard_run_through_bin_train(tmp_path, mnist_dir):
     run_dir = tmp_path / "guarded"
     proc = _run(_tiny(run_dir, mnist_dir, "--method=fgsm_rs", "--epochs=2", "--co_guard",
+                      "--epsilon_warmup_epochs=0",
                       "--co_guard_every=4", "--co_guard_examples=64", "--co_guard_pgd_steps=3"))
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads((run_dir / "results.json").read_text())
@@ -236,3 +258,93 @@ def test_co_guard_run_through_bin_train(tmp_path, mnist_dir):
     assert guard["measurements"] >= 4 and guard["extra_grad_evals"] > 0
     assert results["grad_evals"] == 2 * 8 * 128 * 2 + guard["extra_grad_evals"]
     assert json.loads((run_dir / "manifest.json").read_text())["co_guard"] == guard
+
+
+def test_robustness_gap_warning(tmp_path):
+    """A run that beats its own training attack but not PGD says so."""
+    from tf_backsmooth import train_lib
+
+    assert train_lib.robustness_gap_warning(str(tmp_path), 0.5) is None  # no metrics yet
+    lines = [{"epoch": 1, "adv_accuracy": 0.5}, {"epoch": 2, "adv_accuracy": 0.9}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert train_lib.robustness_gap_warning(str(tmp_path), 0.85) is None  # healthy (gap 5)
+    warning = train_lib.robustness_gap_warning(str(tmp_path), 0.31)  # like a failed BS seed
+    assert "90.0 %" in warning and "31.0 %" in warning and "epsilon_warmup_epochs" in warning
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "loss": 0.1}) + "\n")
+    assert train_lib.robustness_gap_warning(str(tmp_path), 0.0) is None  # natural training
+
+
+def test_wong_flagfile_is_their_recipe_flag_for_flag():
+    """experiments/mnist_fgsm_rs_wong.flags pins every setting of Wong et al.'s
+    MNIST/train_mnist.py defaults that differs from ours."""
+    c = _parse(f"--flagfile={REPO / 'experiments' / 'mnist_fgsm_rs_wong.flags'}")
+    assert (c.method, c.epsilon, c.step_size, c.model) == ("fgsm_rs", 0.3, 0.375, "mnist_cnn")
+    assert c.method_kwargs == {"clip_start": False}
+    assert (c.normalize, c.init) == (False, "torch")
+    assert (c.epochs, c.batch_size, c.optimizer, c.lr, c.lr_schedule) == (10, 100, "adam", 0.005, "cyclic")
+    assert (c.validation_size, c.eval_every, c.epsilon_warmup_epochs) == (0, 0, 0.0)
+
+
+def test_normalize_false_gives_raw_pixels_to_the_network():
+    import keras
+
+    from tf_backsmooth import data, train_lib
+    info = data.get_info("mnist")
+    x = np.random.RandomState(0).rand(2, 28, 28, 1).astype(np.float32)
+    for normalize, expected in ((True, (x - info.mean) / info.std), (False, x)):
+        config = config_lib.TrainConfig(dataset="mnist", model="mnist_cnn", normalize=normalize)
+        model = train_lib.make_classifier(config, info)
+        first = model.get_layer("normalize")
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(first(x)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_failure_detector_stops_only_at_full_epsilon_with_a_large_gap():
+    import keras
+
+    from tf_backsmooth import callbacks as cb
+
+    def run(logs, eps=0.3, stop_on_failure=True):
+        detector = cb.FailureDetector(eps, 0.2)
+        detector.stop_on_failure = stop_on_failure
+        detector.set_model(keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)]))
+        detector.model.stop_training = False
+        detector.on_epoch_end(2, logs)
+        return detector.failed, detector.model.stop_training
+
+    # BS seed 4 of docs/MNIST_STUDY.md at the end of epoch 3: 91.5 % vs 37.2 %.
+    failed, stop = run({"adv_accuracy": 0.915, "val_robust_accuracy": 0.372, "epsilon": 0.3})
+    assert stop and failed == {"epoch": 3, "adv_accuracy": 0.915, "val_robust_accuracy": 0.372}
+    assert run({"adv_accuracy": 0.92, "val_robust_accuracy": 0.846, "epsilon": 0.3}) == (None, False)
+    # Still warming up: the model is not meant to be robust at full eps yet.
+    assert run({"adv_accuracy": 0.93, "val_robust_accuracy": 0.15, "epsilon": 0.24}) == (None, False)
+    assert run({"adv_accuracy": 0.93}) == (None, False)  # no validation this epoch
+    # The last attempt allowed: recorded, but training goes on.
+    failed, stop = run({"adv_accuracy": 0.915, "val_robust_accuracy": 0.372}, stop_on_failure=False)
+    assert failed is not None and not stop
+
+
+def test_failed_run_restarts_with_a_new_seed_and_keeps_the_failed_attempt(tmp_path, mnist_dir):
+    """With --failure_gap=0 any epoch whose training-attack accuracy exceeds its
+    validation PGD accuracy counts as failed: the first attempt stops after
+    epoch 1, its files move to attempt_1/, the second attempt (the last one
+    allowed) trains to the end with seed + 1000003, and the costs add up."""
+    from tf_backsmooth import train_lib
+
+    run_dir = tmp_path / "restarts"
+    proc = _run(_tiny(run_dir, mnist_dir, "--epochs=2", "--epsilon_warmup_epochs=0",
+                      "--failure_restarts=1", "--failure_gap=0", "--seed=5"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "FAILED attempt 1 (seed 5) at epoch 1" in proc.stderr
+    results = json.loads((run_dir / "results.json").read_text())
+    (attempt,) = results["failed_attempts"]
+    assert attempt["seed"] == 5 and attempt["epoch"] == 1
+    assert attempt["adv_accuracy"] > attempt["val_robust_accuracy"]
+    assert results["seed"] == train_lib.attempt_seed(5, 1) == 1_000_008
+    assert json.loads((run_dir / "manifest.json").read_text())["seed"] == 1_000_008
+    old = [json.loads(l) for l in (run_dir / "attempt_1" / "metrics.jsonl").read_text().splitlines()]
+    new = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in old] == [1] and [r["epoch"] for r in new] == [1, 2]
+    assert results["grad_evals"] == 3 * 128 * 8 * 3  # 1 failed + 2 kept epochs of 8 steps
+    assert results["train_seconds"] == pytest.approx(
+        sum(r["epoch_seconds"] for r in old + new), rel=1e-6)
+    assert json.loads((run_dir / "attempts.json").read_text()) == results["failed_attempts"]

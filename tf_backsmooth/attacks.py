@@ -139,18 +139,26 @@ def _start(x, epsilon, random_start, seed, init_noise, radius=None):
 # ----------------------------------------------------------------------------
 def fgsm(model_fn, x, y, epsilon, step_size=None, random_start=False,
          seed=None, *, init_noise=None, init_radius=None, to_ball=True,
-         loss="ce"):
+         loss="ce", clip_start=True):
     """Fast gradient sign method, optionally from a random start (FGSM-RS).
 
     ``step_size`` defaults to ``epsilon``. With ``random_start`` the start is
     ``x + U(-r, r)`` with ``r = init_radius`` (default ``epsilon``), projected;
     ``init_noise`` replaces the draw. ``to_ball=False`` skips the projection onto
     the eps-ball (N-FGSM), keeping only the clip to ``[0, 1]``.
+
+    ``clip_start=False`` takes the gradient at the unprojected start
+    ``x + delta`` (values in ``[-r, 1 + r]``), as Wong et al.'s MNIST code
+    does; only the result is projected. With ``step_size >= 2 * r`` (their
+    0.375 at eps 0.3 is not) both give the same result for the same gradient
+    sign; what differs is where the gradient is taken. See
+    docs/MNIST_RECIPES.md for when it matters.
     """
     step_size = epsilon if step_size is None else step_size
     x = tf.convert_to_tensor(x)
-    x_adv = project(_start(x, epsilon, random_start, seed, init_noise,
-                           init_radius), x, epsilon, to_ball)
+    x_adv = _start(x, epsilon, random_start, seed, init_noise, init_radius)
+    if clip_start:
+        x_adv = project(x_adv, x, epsilon, to_ball)
     return iterate(model_fn, x, x_adv, surrogate(loss, y), epsilon, step_size,
                    1, to_ball)
 

@@ -109,6 +109,39 @@ class BestCheckpoint(keras.callbacks.Callback):
                 "epoch": self.best_epoch})
 
 
+class FailureDetector(keras.callbacks.Callback):
+    """Stops a run that beats its own training attack but not PGD.
+
+    At the end of an epoch trained at the full epsilon (the epoch's last
+    ``epsilon`` log, when a warm-up is on), a training-attack accuracy
+    (``adv_accuracy``) more than ``gap`` above the validation PGD accuracy
+    (``val_robust_accuracy``) is the signature of catastrophic overfitting or
+    gradient masking (docs/MNIST_STUDY.md: every failed run showed a gap of
+    0.28 or more, every healthy one 0.10 or less). It sets ``failed`` and
+    stops training; ``train_lib`` then restarts with another seed (see
+    ``--failure_restarts``). Needs :class:`RobustValidation` before it.
+    """
+
+    def __init__(self, epsilon, gap):
+        super().__init__()
+        self.epsilon, self.gap = float(epsilon), float(gap)
+        self.failed = None
+        # False on the last attempt allowed: record the failure, keep training.
+        self.stop_on_failure = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        val, adv = logs.get("val_robust_accuracy"), logs.get("adv_accuracy")
+        if val is None or adv is None:
+            return
+        if float(logs.get("epsilon", self.epsilon)) < self.epsilon * (1 - 1e-6):
+            return  # still warming up: not yet meant to be robust at epsilon
+        if self.failed is None and float(adv) - float(val) > self.gap:
+            self.failed = {"epoch": epoch + 1, "adv_accuracy": float(adv),
+                           "val_robust_accuracy": float(val)}
+            self.model.stop_training = self.stop_on_failure
+
+
 class RunLog(keras.callbacks.Callback):
     """Adds ``learning_rate``, ``examples_per_second`` and cumulative
     ``grad_evals`` (forward+backward passes, summed over training examples)

@@ -665,8 +665,20 @@ class COGuard(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         self._step += 1
-        if self._step % self.every_steps == 0:
+        if self._step % self.every_steps == 0 and not self._warming_up():
             self._check()
+
+    def _warming_up(self):
+        """Whether an epsilon schedule still trains below the full epsilon.
+
+        The guard measures at the full epsilon; during a warm-up the model is
+        not yet meant to be robust there, and the FGSM-PGD gap would read as
+        a collapse. Measuring resumes once the schedule reaches epsilon."""
+        model = self.model
+        if getattr(model, "epsilon_schedule", None) is None:
+            return False
+        now = float(model.epsilon_at(model.optimizer.iterations))
+        return now < self._epsilon() * (1 - 1e-6)
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is None:

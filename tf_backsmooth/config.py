@@ -85,6 +85,10 @@ def check_choice(name: str, value, choices):
     return value
 
 
+# Training-attack accuracy minus PGD accuracy above which a run is called failed
+# (catastrophic overfitting / gradient masking); see docs/MNIST_STUDY.md.
+FAILURE_GAP = 0.2
+
 # Epsilon and step sizes are in pixel units for inputs in [0, 1]: a budget above
 # 1 cannot constrain anything and almost always means "8" was given for 8/255.
 MAX_EPSILON = 1.0
@@ -143,6 +147,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "piecewise", "cyclic", "cosine")
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker")
 DTYPE_POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
+INITS = ("keras", "torch")
 CO_RULES = ("drop_and_gap", "drop", "gap", "floor_and_gap")
 CO_POLICIES = ("shrink_step", "switch_method")
 METHODS = ("natural", "pgd_at", "trades", "fgsm_rs", "fast_trades", "gradalign",
@@ -162,8 +167,11 @@ class TrainConfig:
     validation_size: int | None = None
     num_train_examples: int | None = None
     model: str = "small_cnn"
+    normalize: bool = True
+    init: str = "keras"
     method: str = "backward_smoothing"
     epsilon: float | None = 0.1
+    epsilon_warmup_epochs: float = 0.0
     step_size: float | None = None
     steps: int | None = None
     gamma: float | None = None
@@ -205,10 +213,16 @@ class TrainConfig:
     co_guard_factor: float = 0.5
     co_guard_fallback: str = "backward_smoothing"
     co_guard_max_collapses: int = 3
+    # Restart with another seed when validation shows a failed run.
+    failure_restarts: int = 0
+    failure_gap: float = FAILURE_GAP
 
     def __post_init__(self):
         check_choice("dataset", self.dataset, DATASETS)
         check_choice("model", self.model, MODELS)
+        check_choice("init", self.init, INITS)
+        if not isinstance(self.normalize, bool):
+            raise ConfigError(f"normalize must be a bool, got {self.normalize!r}")
         check_choice("method", self.method, METHODS)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
@@ -219,6 +233,11 @@ class TrainConfig:
         check_int("num_train_examples", self.num_train_examples, low=1,
                   allow_none=True)
         check_int("epochs", self.epochs, low=1, high=100_000)
+        check_real("epsilon_warmup_epochs", self.epsilon_warmup_epochs,
+                   low=0.0, high=float(self.epochs))
+        if self.epsilon_warmup_epochs and self.method == "natural":
+            raise ConfigError("epsilon_warmup_epochs needs an adversarial "
+                              "method, not 'natural'")
         check_int("batch_size", self.batch_size, low=1, high=1_000_000)
         check_real("lr", self.lr, low=0.0, low_open=True, high=100.0)
         check_real("momentum", self.momentum, low=0.0, high=1.0, high_open=True)
@@ -257,6 +276,11 @@ class TrainConfig:
                    low_open=True, high=1.0, high_open=True)
         check_choice("co_guard_fallback", self.co_guard_fallback, METHODS)
         check_int("co_guard_max_collapses", self.co_guard_max_collapses, low=1)
+        check_int("failure_restarts", self.failure_restarts, low=0, high=10)
+        check_real("failure_gap", self.failure_gap, low=0.0, high=1.0)
+        if self.failure_restarts and (not self.eval_every or self.method == "natural"):
+            raise ConfigError("failure_restarts needs robust validation (eval_every > 0) "
+                              "and an adversarial method")
         if self.co_guard and self.method == "natural":
             raise ConfigError("co_guard needs an adversarial method, not "
                               "'natural'")

@@ -19,7 +19,8 @@ from tf_backsmooth import config as config_lib
 _DEFAULTS = config_lib.TrainConfig()
 
 # Method-specific keywords: only passed on when set.
-_METHOD_KWARGS = ("random_start", "lambda_", "init_scale", "attack_training")
+_METHOD_KWARGS = ("random_start", "lambda_", "init_scale", "attack_training",
+                  "clip_start")
 
 
 def define_flags(flag_values=flags.FLAGS):
@@ -41,10 +42,22 @@ def define_flags(flag_values=flags.FLAGS):
                          "Train on the first N training examples only.")
     # Model and method.
     _define(fv, flags.DEFINE_enum, "model", d.model, config_lib.MODELS, "Classifier.")
+    _define(fv, flags.DEFINE_bool, "normalize", d.normalize,
+            "First layer normalises by the dataset's mean and std (false: the "
+            "network sees raw [0, 1] pixels, as Wong et al.'s MNIST code).")
+    _define(fv, flags.DEFINE_enum, "init", d.init, config_lib.INITS,
+            "Weight initialisation: keras (Glorot uniform, zero bias) or torch "
+            "(PyTorch's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for kernels "
+            "and biases).")
     _define(fv, flags.DEFINE_enum, "method", d.method, config_lib.METHODS,
                       "Robust-training method.")
     _define(fv, flags.DEFINE_float, "epsilon", d.epsilon,
                        "L-inf budget in pixel units (inputs in [0, 1]).")
+    _define(fv, flags.DEFINE_float, "epsilon_warmup_epochs",
+            d.epsilon_warmup_epochs,
+            "Ramp epsilon (and the attack step sizes with it) linearly from 0 "
+            "to --epsilon over the first F epochs, updated every step "
+            "(0: no warm-up).")
     _define(fv, flags.DEFINE_float, "step_size", None,
                        "Attack step size (default: the method's).")
     _define(fv, flags.DEFINE_integer, "steps", None, "Attack steps (default: the method's).")
@@ -58,6 +71,10 @@ def define_flags(flag_values=flags.FLAGS):
                        "of epsilon (n_fgsm: 2).")
     _define(fv, flags.DEFINE_bool, "attack_training", None, "Run the attack in training "
                       "mode (default: the method's reference mode).")
+    _define(fv, flags.DEFINE_bool, "clip_start", None,
+            "fgsm_rs: project the random start onto the eps-ball and [0, 1] "
+            "before the gradient pass (default true; Wong et al.'s MNIST code: "
+            "false).")
     # Optimisation.
     _define(fv, flags.DEFINE_integer, "epochs", d.epochs, "Training epochs.")
     _define(fv, flags.DEFINE_integer, "batch_size", d.batch_size,
@@ -126,6 +143,15 @@ def define_flags(flag_values=flags.FLAGS):
             config_lib.METHODS, "switch_method: the method to switch to.")
     _define(fv, flags.DEFINE_integer, "co_guard_max_collapses",
             d.co_guard_max_collapses, "Stop after this many collapses.")
+    # Failed runs.
+    _define(fv, flags.DEFINE_integer, "failure_restarts", d.failure_restarts,
+            "Restart training from scratch with a new seed (seed + 1000003 * k) up "
+            "to N times when, at the end of an epoch at full epsilon, the accuracy "
+            "on the method's own training attack exceeds the validation PGD "
+            "accuracy by more than --failure_gap (the failed attempt is kept in "
+            "attempt_K/ and counted in the training time).")
+    _define(fv, flags.DEFINE_float, "failure_gap", d.failure_gap,
+            "Training-attack minus validation PGD accuracy that marks a failed run.")
     _define(fv, flags.DEFINE_integer, "verbose", None, "Keras verbosity: 0 silent, 1 "
                          "progress bar, 2 one line per epoch (default: 1 on a "
                          "terminal, else 2).")

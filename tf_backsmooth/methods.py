@@ -150,6 +150,9 @@ def _check_lambda(extra):
 
 def _check_init_radius(extra):
     check_real("init_scale", extra["init_scale"], low=0.0, high=10.0)
+    if not isinstance(extra.get("clip_start", True), bool):
+        raise ConfigError(
+            f"clip_start must be a bool, got {extra['clip_start']!r}")
 
 
 # ----------------------------------------------------------------------------
@@ -241,7 +244,8 @@ def _fgsm_attack(model_fn, x, y, params, seed):
         model_fn, x, y, params.epsilon, params.step_size,
         random_start=params.get("random_start", True), seed=seed,
         init_radius=scale * params.epsilon,
-        to_ball=params.get("project", True)))
+        to_ball=params.get("project", True),
+        clip_start=params.get("clip_start", True)))
 
 
 def _trades_attack(model_fn, x, y, params, seed):
@@ -295,13 +299,17 @@ register(Method(
 register(Method(
     name="fgsm_rs", attack=_fgsm_attack, objective=adversarial_ce_objective,
     attack_training=True, default_step_size=lambda eps: 1.25 * eps,
-    default_steps=1, extra_defaults={"random_start": True, "init_scale": 1.0},
+    default_steps=1,
+    extra_defaults={"random_start": True, "init_scale": 1.0,
+                    "clip_start": True},
     grad_evals=lambda p: 2, single_step=True, check=_check_init_radius,
     reference=(
         "Wong et al. 2020 ('Fast is better than free'). Uniform start in the "
         "eps-ball, one step of 1.25*eps, projected. Attack in training mode, "
         "as in the reference (BatchNorm statistics also update on the attack "
-        "pass).")))
+        "pass). clip_start=True projects the start before the gradient pass "
+        "(their CIFAR code); clip_start=False takes the gradient at the "
+        "unclipped start x + delta (their MNIST code).")))
 
 register(Method(
     name="fast_trades", attack=_trades_attack, objective=trades_objective,

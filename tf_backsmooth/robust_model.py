@@ -23,6 +23,7 @@ CPU devices). For the same reason ``compile`` always hands Keras
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import keras
@@ -31,6 +32,7 @@ import tensorflow as tf
 from tf_backsmooth import attacks
 from tf_backsmooth import methods as methods_lib
 from tf_backsmooth import objectives
+from tf_backsmooth import schedules
 
 log = logging.getLogger("tf_backsmooth")
 
@@ -91,6 +93,14 @@ class RobustModel(keras.Model):
         ``(seed, optimizer.iterations, replica id)``, so a run repeats exactly.
       log_clean_accuracy: compute ``clean_accuracy`` even for methods whose
         objective never sees clean inputs (costs one inference forward pass).
+      epsilon_schedule: ``None`` (constant ``epsilon``) or a callable
+        ``step -> epsilon`` of the optimizer's iteration count, e.g.
+        ``schedules.EpsilonWarmup(0.3, 1000)`` or any
+        ``keras.optimizers.schedules.LearningRateSchedule``. Every step size
+        scales with it (``step_size * epsilon(step) / epsilon``); epsilon is
+        a tensor inside the step (traced once) and logged as ``epsilon``. It
+        depends only on the step count, so a resumed run and every replica
+        follow the same schedule. See :mod:`tf_backsmooth.schedules`.
       **method_kwargs: method-specific keywords (``random_start``,
         ``lambda_``, ``attack_training`` ...).
 
@@ -99,7 +109,8 @@ class RobustModel(keras.Model):
 
     def __init__(self, base_model, method="backward_smoothing", epsilon=None,
                  step_size=None, steps=None, gamma=None, beta=None, seed=0,
-                 log_clean_accuracy=True, name=None, **method_kwargs):
+                 log_clean_accuracy=True, epsilon_schedule=None, name=None,
+                 **method_kwargs):
         if not isinstance(base_model, keras.Model):
             raise TypeError(
                 f"base_model must be a keras.Model, got {type(base_model)}")
@@ -113,6 +124,11 @@ class RobustModel(keras.Model):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
         self.seed = seed
+        self.epsilon_schedule = schedules.check_schedule(epsilon_schedule)
+        if epsilon_schedule is not None and self.method.attack is None:
+            raise methods_lib.ConfigError(
+                f"method {method!r} runs no attack; epsilon_schedule does not "
+                "apply")
         self.log_clean_accuracy = log_clean_accuracy
         logged = ["loss", "natural_loss", "robust_loss"]
         if log_clean_accuracy or self.method.clean_in_objective:
@@ -211,9 +227,30 @@ class RobustModel(keras.Model):
         base = tf.constant([self.seed, 0], tf.int32)
         return attacks.fold_in(attacks.fold_in(base, step), replica_id)
 
-    def _grads_and_stats(self, x, y, sample_weight, seed):
-        """Attack + objective + gradients for one replica's batch."""
-        method, params = self.method, self.params
+    def epsilon_at(self, step):
+        """The training epsilon at optimizer step ``step`` (a float32 tensor)."""
+        if self.epsilon_schedule is None:
+            return tf.constant(self.params.epsilon, tf.float32)
+        return tf.cast(self.epsilon_schedule(step), tf.float32)
+
+    def _scheduled_params(self, epsilon):
+        """``params`` at a scheduled ``epsilon`` (a tensor): step sizes scale
+        with it, so step_size / epsilon stays the method's ratio."""
+        params = self.params
+        if epsilon is None:
+            return params
+        scale = epsilon / params.epsilon
+        return dataclasses.replace(params, epsilon=epsilon,
+                                   step_size=params.step_size * scale)
+
+    def _grads_and_stats(self, x, y, sample_weight, seed, epsilon=None):
+        """Attack + objective + gradients for one replica's batch.
+
+        ``epsilon`` (a scalar tensor) overrides the attack budget of this
+        step when an epsilon schedule is set; ``None`` keeps ``params``.
+        """
+        method = self.method
+        params = self._scheduled_params(epsilon)
         num_replicas = tf.distribute.get_strategy().num_replicas_in_sync
         attack_fn = lambda t: self.base_model(  # noqa: E731
             t, training=params.get("attack_training"))
@@ -268,12 +305,17 @@ class RobustModel(keras.Model):
         context = tf.distribute.get_replica_context()
         replica_id = context.replica_id_in_sync_group if context else 0
         seed = self.step_seed(self.optimizer.iterations, replica_id)
-        grads, stats = self._get_step_fn()(x, y, sample_weight, seed)
+        epsilon = None
+        if self.epsilon_schedule is not None:
+            epsilon = self.epsilon_at(self.optimizer.iterations)
+        grads, stats = self._get_step_fn()(x, y, sample_weight, seed, epsilon)
         self.optimizer.apply(grads, self.trainable_variables)
         for key, values in stats.items():
             self._trackers[key].update_state(values)
-        return self._step_logs({n: self._trackers[n].result()
-                                for n in self._logged})
+        logs = {n: self._trackers[n].result() for n in self._logged}
+        if epsilon is not None:
+            logs["epsilon"] = epsilon  # this step's value, not an average
+        return self._step_logs(logs)
 
     def _step_logs(self, logs):
         """Keras 3.15 reduces multi-worker step logs with ``MEAN`` over axis

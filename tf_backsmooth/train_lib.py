@@ -18,9 +18,9 @@ No absl flags are read here; ``bin/train`` builds the config.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import math
 import os
 import platform
 import shutil
@@ -250,16 +250,28 @@ def make_optimizer(config, steps_per_epoch):
     return keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay)
 
 
-def build_model(config, info):
-    """Base classifier + RobustModel (call under the strategy scope)."""
+def make_classifier(config, info):
+    """The base classifier of ``config`` (normalisation and init as set)."""
+    from tf_backsmooth import models
+
+    mean, std = (info.mean, info.std) if config.normalize else (None, None)
+    return models.get(config.model, info.num_classes, info.input_shape,
+                      mean=mean, std=std, init=config.init)
+
+
+def build_model(config, info, steps_per_epoch=None):
+    """Base classifier + RobustModel (call under the strategy scope).
+
+    ``steps_per_epoch`` converts ``epsilon_warmup_epochs`` into steps; it is
+    required when a warm-up is configured.
+    """
     import keras
 
-    from tf_backsmooth import models
+    from tf_backsmooth import schedules
     from tf_backsmooth.robust_model import RobustModel
 
     keras.utils.set_random_seed(config.seed)
-    base = models.get(config.model, info.num_classes, info.input_shape,
-                      mean=info.mean, std=info.std)
+    base = make_classifier(config, info)
     if config.sync_batchnorm:
         for layer in base._flatten_layers():
             if isinstance(layer, keras.layers.BatchNormalization):
@@ -268,6 +280,13 @@ def build_model(config, info):
     if config.method != "natural":
         attack_kw = dict(epsilon=config.epsilon, step_size=config.step_size,
                          steps=config.steps)
+    if config.epsilon_warmup_epochs:
+        if steps_per_epoch is None:
+            raise ValueError("build_model needs steps_per_epoch for "
+                             "epsilon_warmup_epochs")
+        attack_kw["epsilon_schedule"] = schedules.EpsilonWarmup(
+            config.epsilon, schedules.warmup_steps(
+                config.epsilon_warmup_epochs, steps_per_epoch))
     return RobustModel(base, method=config.method, gamma=config.gamma,
                        beta=config.beta, seed=config.seed, **attack_kw,
                        **dict(config.method_kwargs))
@@ -315,6 +334,8 @@ def make_callbacks(config, model, val, global_batch, is_chief=True,
             every=config.eval_every, seed=config.seed,
             total_epochs=config.epochs))
         out.append(cb.BestCheckpoint(config.model_dir, is_chief=is_chief))
+        if config.failure_restarts:
+            out.append(cb.FailureDetector(config.epsilon, config.failure_gap))
     out.append(cb.RunLog(config.model_dir, global_batch, is_chief=is_chief))
     if config.tensorboard and is_chief:
         log_dir = os.path.join(config.model_dir, "tensorboard")
@@ -351,6 +372,68 @@ def make_co_guard(config, train, is_chief=True):
         is_chief=is_chief)
 
 
+# A final robust test accuracy this far below the accuracy on the method's own
+# training attack (last epoch) is the signature of catastrophic overfitting or
+# gradient masking: in docs/MNIST_STUDY.md every failed run had a gap of 0.26
+# or more, every healthy one 0.10 or less.
+ROBUSTNESS_GAP = config_lib.FAILURE_GAP
+
+
+def robustness_gap_warning(model_dir, robust_accuracy):
+    """A warning (or None) when the model beats its own training attack far
+    more often than PGD: the run "trained" but is not robust."""
+    path = os.path.join(model_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    train_adv = records[-1].get("adv_accuracy") if records else None
+    if train_adv is None:
+        return None  # natural training: no training attack
+    gap = train_adv - robust_accuracy
+    if gap <= ROBUSTNESS_GAP:
+        return None
+    return (f"the model is {100 * train_adv:.1f} % accurate on its own training attack "
+            f"but {100 * robust_accuracy:.1f} % under the PGD test attack (gap "
+            f"{100 * gap:.1f} points > {100 * ROBUSTNESS_GAP:.0f}): the signature of "
+            "catastrophic overfitting or gradient masking, so this run is probably not "
+            "robust. Remedies: an epsilon warm-up (--epsilon_warmup_epochs), "
+            "--failure_restarts=2, --co_guard, or a multi-step method such as TRADES-10 "
+            "(see docs/MNIST_STUDY.md)")
+
+
+ATTEMPTS = "attempts.json"
+# Files of one training attempt, moved to attempt_<k>/ when it is restarted.
+_ATTEMPT_FILES = ("metrics.jsonl", "best.json", "best.weights.h5", BACKUP,
+                  "tensorboard", "co_guard")
+
+
+def attempt_seed(seed, attempt):
+    """The seed of training attempt ``attempt`` (0: the configured seed)."""
+    return (seed + 1_000_003 * attempt) % (2**31 - 1)
+
+
+def _read_attempts(model_dir):
+    path = os.path.join(model_dir, ATTEMPTS)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return json.load(f)
+
+
+def _archive_attempt(model_dir, number, attempts):
+    """Moves a failed attempt's files to ``attempt_<number>/`` (nothing is
+    deleted), then records the attempts, so a killed run resumes into the
+    next attempt with the right seed."""
+    folder = os.path.join(model_dir, f"attempt_{number}")
+    os.makedirs(folder, exist_ok=True)
+    for name in _ATTEMPT_FILES:
+        path = os.path.join(model_dir, name)
+        if os.path.exists(path):
+            os.replace(path, os.path.join(folder, name))
+    _write_json(os.path.join(model_dir, ATTEMPTS), attempts)
+
+
 def _find(callbacks, cls):
     return next((c for c in callbacks if isinstance(c, cls)), None)
 
@@ -383,15 +466,12 @@ def export_classifier(config, info, base):
     """
     import keras
 
-    from tf_backsmooth import models
-
     if config.dtype_policy == "float32" and not config.sync_batchnorm:
         return base
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy("float32")
     try:
-        clone = models.get(config.model, info.num_classes, info.input_shape,
-                           mean=info.mean, std=info.std)
+        clone = make_classifier(config, info)
     finally:
         keras.config.set_dtype_policy(previous)
     clone.set_weights(base.get_weights())
@@ -441,41 +521,68 @@ def _run(config, strategy, is_chief, flags_text):
     distribute.check_batch_size(config.batch_size, num_replicas)
     keras.config.set_dtype_policy(config.dtype_policy)
 
-    first_epoch = _initial_epoch(config.model_dir)
-    augment = info.augment
-    train_ds, steps = train_dataset(train[0], train[1], info,
-                                    config.batch_size, config.seed,
-                                    first_epoch, config.epochs, augment)
-    with strategy.scope():
-        model = build_model(config, info)
-        model.compile(optimizer=make_optimizer(config, steps),
-                      jit_compile=config.jit_compile)
-        model.build((None,) + tuple(info.input_shape))
-    if is_chief:
-        if flags_text is not None:
-            with open(os.path.join(config.model_dir, "flags.txt"), "w") as f:
-                f.write(flags_text)
-        _write_json(os.path.join(config.model_dir, CONFIG),
-                    _config_payload(config))
-        _write_json(os.path.join(config.model_dir, MANIFEST),
-                    manifest(config, model, config.strategy, num_replicas))
-    log.info("training %s/%s on %s: %d steps/epoch, %d replica(s), XLA %s "
-             "(%s), starting at epoch %d", config.method, config.model,
-             config.dataset, steps, num_replicas,
-             "on" if model.xla else "off", model.xla_reason, first_epoch)
-    callbacks, nan_guard = make_callbacks(config, model, val,
-                                          config.batch_size, is_chief,
-                                          train=train)
-    train_start = time.time()
-    if first_epoch < config.epochs:
-        model.fit(train_ds, epochs=config.epochs, steps_per_epoch=steps,
-                  initial_epoch=first_epoch, callbacks=callbacks, shuffle=False,
-                  verbose=config.verbose if is_chief else 0)
-    train_seconds = _total_epoch_seconds(config.model_dir)
-    if train_seconds is None:
-        train_seconds = time.time() - train_start
-
     from tf_backsmooth import callbacks as cb
+
+    base_config = config
+    attempts = _read_attempts(config.model_dir)
+    while True:
+        # Attempt k > 0 (after k failed ones) trains with its own seed.
+        config = dataclasses.replace(
+            base_config, seed=attempt_seed(base_config.seed, len(attempts)))
+        first_epoch = _initial_epoch(config.model_dir)
+        train_ds, steps = train_dataset(train[0], train[1], info,
+                                        config.batch_size, config.seed,
+                                        first_epoch, config.epochs, info.augment)
+        with strategy.scope():
+            model = build_model(config, info, steps)
+            model.compile(optimizer=make_optimizer(config, steps),
+                          jit_compile=config.jit_compile)
+            model.build((None,) + tuple(info.input_shape))
+        if is_chief:
+            if flags_text is not None:
+                with open(os.path.join(config.model_dir, "flags.txt"), "w") as f:
+                    f.write(flags_text)
+            _write_json(os.path.join(config.model_dir, CONFIG),
+                        _config_payload(base_config))
+            _write_json(os.path.join(config.model_dir, MANIFEST),
+                        manifest(config, model, config.strategy, num_replicas))
+        log.info("training %s/%s on %s: %d steps/epoch, %d replica(s), XLA %s "
+                 "(%s), starting at epoch %d%s", config.method, config.model,
+                 config.dataset, steps, num_replicas,
+                 "on" if model.xla else "off", model.xla_reason, first_epoch,
+                 f" (attempt {len(attempts) + 1}, seed {config.seed})"
+                 if attempts else "")
+        callbacks, nan_guard = make_callbacks(config, model, val,
+                                              config.batch_size, is_chief,
+                                              train=train)
+        detector = _find(callbacks, cb.FailureDetector)
+        if detector is not None:
+            detector.stop_on_failure = len(attempts) < config.failure_restarts
+        train_start = time.time()
+        if first_epoch < config.epochs:
+            model.fit(train_ds, epochs=config.epochs, steps_per_epoch=steps,
+                      initial_epoch=first_epoch, callbacks=callbacks,
+                      shuffle=False, verbose=config.verbose if is_chief else 0)
+        train_seconds = _total_epoch_seconds(config.model_dir)
+        if train_seconds is None:
+            train_seconds = time.time() - train_start
+        if (detector is None or detector.failed is None
+                or not detector.stop_on_failure):
+            break
+        attempts.append(dict(detector.failed, seed=config.seed,
+                             train_seconds=train_seconds,
+                             grad_evals=_total_grad_evals(callbacks)))
+        log.warning("FAILED attempt %d (seed %d) at epoch %d: %.1f %% accurate on "
+                    "its own training attack, %.1f %% under validation PGD; "
+                    "restarting with seed %d (%d restart(s) left)", len(attempts),
+                    config.seed, detector.failed["epoch"],
+                    100 * detector.failed["adv_accuracy"],
+                    100 * detector.failed["val_robust_accuracy"],
+                    attempt_seed(base_config.seed, len(attempts)),
+                    base_config.failure_restarts - len(attempts))
+        if is_chief:
+            _archive_attempt(config.model_dir, len(attempts), attempts)
+        del model, callbacks
 
     selected = "last"
     best = _find(callbacks, cb.BestCheckpoint)
@@ -508,9 +615,11 @@ def _run(config, strategy, is_chief, flags_text):
         "test_examples": int(len(test[1])),
         "selected_weights": selected,
         "epochs": config.epochs,
-        "train_seconds": train_seconds,
+        "train_seconds": train_seconds + sum(a["train_seconds"] for a in attempts),
         "wall_seconds_this_process": time.time() - started,
-        "grad_evals": _total_grad_evals(callbacks),
+        "grad_evals": _total_grad_evals(callbacks) + sum(a["grad_evals"] for a in attempts),
+        "seed": config.seed,
+        "failed_attempts": attempts,
         "grad_evals_per_example_per_step": model.method.grad_evals(model.params),
         "steps": int(model.optimizer.iterations.numpy()),
         "nan_stop": nan_guard.hit,
@@ -519,6 +628,11 @@ def _run(config, strategy, is_chief, flags_text):
         "co_guard": _co_guard_summary(callbacks),
         "warnings": report.get("warnings", []),
     }
+    gap_warning = robustness_gap_warning(config.model_dir, results["robust_accuracy"])
+    if gap_warning is not None:
+        results["warnings"].append(gap_warning)
+        if is_chief:
+            log.warning("NOT ROBUST: %s", gap_warning)
     if is_chief:
         if results["co_guard"] is not None:  # the manifest records its events
             path = os.path.join(config.model_dir, MANIFEST)

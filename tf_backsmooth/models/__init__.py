@@ -13,11 +13,13 @@ Registered models: ``small_cnn``, ``mnist_cnn``, ``mlp`` (see
 
 from tf_backsmooth.models import cnn, resnet, wide_resnet  # noqa: F401  (registers)
 from tf_backsmooth.models.registry import (
+    INITS,
     MODELS,
     get,
     has_batchnorm,
     normalization,
     register,
+    torch_init,
 )
 
-__all__ = ["MODELS", "get", "has_batchnorm", "normalization", "register"]
+__all__ = ["INITS", "MODELS", "torch_init", "get", "has_batchnorm", "normalization", "register"]

@@ -54,22 +54,56 @@ def normalization(channels: int, mean=None, std=None, name: str = "normalize"):
     )
 
 
-def get(name, num_classes, input_shape, mean=None, std=None, **kwargs) -> keras.Model:
+INITS = ("keras", "torch")
+
+
+def get(name, num_classes, input_shape, mean=None, std=None, init="keras",
+        **kwargs) -> keras.Model:
     """Builds model ``name`` for images in [0, 1] of ``input_shape`` (H, W, C).
 
     The model's first layer normalises with ``mean``/``std``; its output is
     logits (no softmax) of ``num_classes`` classes. ``kwargs`` go to the
-    model's body (e.g. ``depth``/``width`` of ``wide_resnet``).
+    model's body (e.g. ``depth``/``width`` of ``wide_resnet``). ``init``:
+    ``"keras"`` keeps Keras' defaults (Glorot-uniform kernels, zero biases);
+    ``"torch"`` re-draws every convolution and dense layer as PyTorch's
+    default ``reset_parameters`` does (see :func:`torch_init`).
     """
     if name not in MODELS:
         raise ValueError(f"Unknown model {name!r}; valid names: {', '.join(sorted(MODELS))}.")
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}.")
     input_shape = tuple(int(d) for d in input_shape)
     if len(input_shape) != 3:
         raise ValueError(f"input_shape must be (height, width, channels), got {input_shape}.")
     inputs = keras.Input(shape=input_shape, name="image")
     x = normalization(input_shape[-1], mean, std)(inputs)
     logits = MODELS[name](x, int(num_classes), **kwargs)
-    return keras.Model(inputs, logits, name=name)
+    model = keras.Model(inputs, logits, name=name)
+    if init == "torch":
+        torch_init(model)
+    return model
+
+
+def torch_init(model) -> None:
+    """Re-draws conv and dense weights as PyTorch's default initialisation.
+
+    PyTorch's ``nn.Conv2d``/``nn.Linear`` draw the kernel from
+    ``kaiming_uniform_(a=sqrt(5))``, i.e. ``U(-b, b)`` with
+    ``b = 1 / sqrt(fan_in)``, and the bias from the same ``U(-b, b)``
+    (Keras: Glorot-uniform kernels, zero biases). Draws use Keras' global
+    seed (``keras.utils.set_random_seed``). BatchNorm is unchanged (both
+    frameworks start at scale 1, offset 0).
+    """
+    for layer in model._flatten_layers():
+        if not isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)):
+            continue
+        kernel = layer.kernel
+        fan_in = int(np.prod(kernel.shape[:-1]))
+        bound = 1.0 / np.sqrt(fan_in)
+        draw = keras.initializers.RandomUniform(-bound, bound)
+        kernel.assign(draw(kernel.shape))
+        if layer.bias is not None:
+            layer.bias.assign(draw(layer.bias.shape))
 
 
 def has_batchnorm(model) -> bool:

@@ -1,0 +1,64 @@
+"""Epsilon schedules: the attack budget as a function of the training step.
+
+A schedule is any callable ``step -> epsilon`` (pixel units) that accepts an
+int64/float tensor ``step`` (the optimizer's ``iterations`` before the update)
+and returns a scalar; a ``keras.optimizers.schedules.LearningRateSchedule`` is
+one. :class:`~tf_backsmooth.robust_model.RobustModel` evaluates it once per
+step, outside the compiled per-replica function, and scales every step size of
+the method by ``epsilon(step) / epsilon`` (so the ratio step size / epsilon is
+the method's at every step). Epsilon is a tensor inside the step: the step is
+traced once, whatever the schedule.
+
+:class:`EpsilonWarmup` is the linear warm-up that ``bin/train
+--epsilon_warmup_epochs`` uses.
+"""
+
+from __future__ import annotations
+
+import keras
+
+from tf_backsmooth.config import ConfigError, check_int, check_real
+
+
+@keras.saving.register_keras_serializable("tf_backsmooth")
+class EpsilonWarmup(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up of epsilon: ``epsilon * min(1, (step + 1) / warmup_steps)``.
+
+    Step ``t`` (0-based, the optimizer's iteration count before the update)
+    trains at ``epsilon * (t + 1) / warmup_steps`` until step
+    ``warmup_steps - 1``, which is the first at the full ``epsilon``; so no
+    step is spent at epsilon 0. ``warmup_steps=0`` is a constant ``epsilon``.
+    """
+
+    def __init__(self, epsilon, warmup_steps):
+        self.epsilon = check_real("epsilon", epsilon, low=0.0, high=1.0)
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, low=0)
+
+    def __call__(self, step):
+        eps = keras.ops.convert_to_tensor(self.epsilon, "float32")
+        if self.warmup_steps == 0:
+            return eps
+        step = keras.ops.cast(step, "float32")
+        frac = keras.ops.minimum(1.0, (step + 1.0) / float(self.warmup_steps))
+        return eps * frac
+
+    def get_config(self):
+        return {"epsilon": self.epsilon, "warmup_steps": self.warmup_steps}
+
+
+def warmup_steps(epochs, steps_per_epoch):
+    """Steps of a warm-up over ``epochs`` (a float) epochs, rounded."""
+    epochs = check_real("epsilon_warmup_epochs", epochs, low=0.0)
+    if steps_per_epoch < 1:
+        raise ConfigError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+    return int(round(epochs * steps_per_epoch))
+
+
+def check_schedule(schedule):
+    """Raises ConfigError unless ``schedule`` is None or callable."""
+    if schedule is not None and not callable(schedule):
+        raise ConfigError(
+            "epsilon_schedule must be a callable step -> epsilon (e.g. a "
+            "keras LearningRateSchedule or tf_backsmooth.schedules."
+            f"EpsilonWarmup), got {schedule!r}")
+    return schedule
