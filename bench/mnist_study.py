@@ -108,8 +108,10 @@ def write_report(args, runs):
     lines = ["# MNIST eps 0.3: recipes that train, per seed", "",
              f"Produced by `{command.strip()}` (rows read back from `{args.runs}`; `--report_only` "
              "rebuilds this file without training). Every number is one run; failures are rows "
-             "too. Times are seconds of training on this 2-core CPU (graph mode), runs one at a time.",
-             ""]
+             "too. `train s`: seconds of training on this 2-core CPU (graph mode), including any "
+             "failed attempt that was restarted; runs shared the CPU with other jobs, so compare "
+             "times only within a recipe pair. `val PGD-10 e1`: validation robust accuracy after "
+             "epoch 1 (with a warm-up, still at a small epsilon).", ""]
     for group, title, header, row_fn, summary_fn in (
             ("recipes", "Recipes (`experiments/mnist_*.flags`)",
              "| variant | seed | clean % | PGD-20 % (10 000) | PGD-100x2 % | AA-lite % | N | "

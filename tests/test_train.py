@@ -303,20 +303,31 @@ def test_failure_detector_stops_only_at_full_epsilon_with_a_large_gap():
 
     from tf_backsmooth import callbacks as cb
 
-    def run(logs, eps=0.3, stop_on_failure=True):
+    from tf_backsmooth import schedules
+    from tf_backsmooth.robust_model import RobustModel
+
+    def run(logs, eps=0.3, stop_on_failure=True, step=1000):
         detector = cb.FailureDetector(eps, 0.2)
         detector.stop_on_failure = stop_on_failure
-        detector.set_model(keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)]))
-        detector.model.stop_training = False
+        model = RobustModel(keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)]),
+                            epsilon=eps, epsilon_schedule=schedules.EpsilonWarmup(eps, 10))
+        model.compile(optimizer="sgd")
+        model.optimizer.build(model.trainable_variables)
+        model.optimizer.iterations.assign(step)
+        detector.set_model(model)
+        model.stop_training = False
+        detector.on_epoch_begin(2)
         detector.on_epoch_end(2, logs)
-        return detector.failed, detector.model.stop_training
+        return detector.failed, model.stop_training
 
     # BS seed 4 of docs/MNIST_STUDY.md at the end of epoch 3: 91.5 % vs 37.2 %.
     failed, stop = run({"adv_accuracy": 0.915, "val_robust_accuracy": 0.372, "epsilon": 0.3})
     assert stop and failed == {"epoch": 3, "adv_accuracy": 0.915, "val_robust_accuracy": 0.372}
     assert run({"adv_accuracy": 0.92, "val_robust_accuracy": 0.846, "epsilon": 0.3}) == (None, False)
-    # Still warming up: the model is not meant to be robust at full eps yet.
-    assert run({"adv_accuracy": 0.93, "val_robust_accuracy": 0.15, "epsilon": 0.24}) == (None, False)
+    # An epoch that starts during the warm-up (step 5 of 10) is not judged, even if
+    # it ends at full eps: the model is not meant to be robust there yet.
+    assert run({"adv_accuracy": 0.93, "val_robust_accuracy": 0.15}, step=5) == (None, False)
+    assert run({"adv_accuracy": 0.93, "val_robust_accuracy": 0.15}, step=9)[1]  # starts at full eps
     assert run({"adv_accuracy": 0.93}) == (None, False)  # no validation this epoch
     # The last attempt allowed: recorded, but training goes on.
     failed, stop = run({"adv_accuracy": 0.915, "val_robust_accuracy": 0.372}, stop_on_failure=False)
