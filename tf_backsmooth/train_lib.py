@@ -426,7 +426,11 @@ def _archive_attempt(model_dir, number, attempts):
     deleted), then records the attempts, so a killed run resumes into the
     next attempt with the right seed."""
     folder = os.path.join(model_dir, f"attempt_{number}")
-    os.makedirs(folder, exist_ok=True)
+    repeat = 1
+    while os.path.exists(folder):  # left by a kill during an earlier archive
+        repeat += 1
+        folder = os.path.join(model_dir, f"attempt_{number}.{repeat}")
+    os.makedirs(folder)
     for name in _ATTEMPT_FILES:
         path = os.path.join(model_dir, name)
         if os.path.exists(path):
