@@ -134,12 +134,8 @@ class FailureDetector(keras.callbacks.Callback):
         # Right after a warm-up a healthy model still lags behind (a gap of
         # 0.21 after a 1-epoch warm-up in docs/MNIST_STUDY.md): only epochs
         # that start at the full epsilon are judged.
-        model = self.model
-        if getattr(model, "epsilon_schedule", None) is None:
-            self._full_epsilon = True
-        else:
-            now = float(model.epsilon_at(model.optimizer.iterations))
-            self._full_epsilon = now >= self.epsilon * (1 - 1e-6)
+        warming_up = getattr(self.model, "warming_up", None)
+        self._full_epsilon = warming_up is None or not warming_up()
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}

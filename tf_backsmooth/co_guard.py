@@ -674,11 +674,8 @@ class COGuard(keras.callbacks.Callback):
         The guard measures at the full epsilon; during a warm-up the model is
         not yet meant to be robust there, and the FGSM-PGD gap would read as
         a collapse. Measuring resumes once the schedule reaches epsilon."""
-        model = self.model
-        if getattr(model, "epsilon_schedule", None) is None:
-            return False
-        now = float(model.epsilon_at(model.optimizer.iterations))
-        return now < self._epsilon() * (1 - 1e-6)
+        warming_up = getattr(self.model, "warming_up", None)
+        return warming_up is not None and warming_up()
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is None:

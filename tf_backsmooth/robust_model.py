@@ -233,6 +233,14 @@ class RobustModel(keras.Model):
             return tf.constant(self.params.epsilon, tf.float32)
         return tf.cast(self.epsilon_schedule(step), tf.float32)
 
+    def warming_up(self, step=None):
+        """Whether the epsilon schedule is still below ``epsilon`` at ``step``
+        (default: the optimizer's current step); False without a schedule."""
+        if self.epsilon_schedule is None:
+            return False
+        step = self.optimizer.iterations if step is None else step
+        return float(self.epsilon_at(step)) < self.params.epsilon * (1 - 1e-6)
+
     def _scheduled_params(self, epsilon):
         """``params`` at a scheduled ``epsilon`` (a tensor): step sizes scale
         with it, so step_size / epsilon stays the method's ratio."""
