@@ -24,9 +24,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from step_cost import bench_dataset  # noqa: E402  (tf.data autotune off: see there)
 
 from tf_backsmooth import distribute, models  # noqa: E402
-from step_cost import bench_dataset  # noqa: E402  (tf.data autotune off: see there)
 from tf_backsmooth.robust_model import RobustModel  # noqa: E402
 
 

@@ -16,7 +16,6 @@ only, so ``--report_only`` regenerates them without training.
 
 import argparse
 import json
-import os
 import pathlib
 import statistics
 import subprocess
@@ -47,14 +46,16 @@ WONG_EVAL = ["--attacks=pgd", "--pgd_steps=50", "--step_size=0.01", "--restarts=
 
 
 def run_one(ds, method, seed, runs, strong, extra_flags=(), name=None, flagfile=None,
-            evals=("pgd20", "strong")):
+            evals=("pgd20", "strong"), autoattack=0):
     """Trains and evaluates one grid cell; ``extra_flags`` follow the flagfile
     (later flags win) and ``name`` replaces ``<ds>_<method>`` in the run dir.
     ``flagfile`` replaces the grid's ``experiments/grid/<ds>_<method>.flags``.
     ``evals``: ``pgd20`` (all test images; without it the training run's own
     final PGD-20 on all test images is read), ``strong`` (PGD-100x2 and
     autoattack_lite on the first ``strong``) and ``wong`` (Wong et al.'s
-    PGD-50 x 10, step 0.01, first 1000 test images)."""
+    PGD-50 x 10, step 0.01, first 1000 test images); ``autoattack`` > 0 adds
+    the full AutoAttack (standard version) on the first ``autoattack`` test
+    images."""
     flagfile = REPO / (flagfile or f"experiments/grid/{ds}_{method}.flags")
     name = name or f"{ds}_{method}"
     run_dir = runs / f"{name}_s{seed}"
@@ -71,6 +72,9 @@ def run_one(ds, method, seed, runs, strong, extra_flags=(), name=None, flagfile=
     if "strong" in evals and not (run_dir / "eval_strong.json").exists():
         sh(common + ["--attacks=pgd,autoattack_lite", "--pgd_steps=100", "--restarts=2",
                      f"--num_examples={strong}", f"--output={run_dir / 'eval_strong.json'}"], log)
+    if autoattack and not (run_dir / "eval_autoattack.json").exists():
+        sh(common + ["--attacks=autoattack", f"--num_examples={autoattack}",
+                     f"--output={run_dir / 'eval_autoattack.json'}"], log)
 
 
 def collect(runs, datasets, methods, seeds):
@@ -101,7 +105,8 @@ def read_run(d, ds, evals=("pgd20", "strong")):
         acc = strong["attacks"][str(EPS[ds])] if str(EPS[ds]) in strong["attacks"] else \
             next(iter(strong["attacks"].values()))
     wong = _json(d / "eval_wong.json")
-    curve = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
+    aa = _json(d / "eval_autoattack.json")
+    curve = [json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines()]
     return {
         "clean": pgd20["clean_accuracy"], "pgd20": pgd20["robust_accuracy"],
         "pgd100": acc.get("pgd"), "aa_lite": acc.get("autoattack_lite"),
@@ -112,7 +117,9 @@ def read_run(d, ds, evals=("pgd20", "strong")):
         "train_attack_curve": [c.get("adv_accuracy") for c in curve],
         "strong_n": strong["num_examples"] if strong else None,
         "wong": wong["robust_accuracy"] if wong else None,
-        "wong_clean": wong["clean_accuracy"] if wong else None}
+        "wong_clean": wong["clean_accuracy"] if wong else None,
+        "aa": aa["robust_accuracy"] if aa else None,
+        "aa_n": aa["num_examples"] if aa else None}
 
 
 def fmt(values, pct=True):
@@ -138,13 +145,16 @@ def report(rows, runs, out_md, datasets, methods, command):
              "accuracy (1000 held-out training images). Mean ± standard deviation over seeds "
              "(n = number of seeds). PGD-20: all 10 000 test images. PGD-100 (2 restarts) and "
              "autoattack_lite (APGD-CE then APGD-T, 9 targets; an upper bound on full AutoAttack): "
-             "the first N test images (column N). Train time: wall-clock seconds of training on "
+             "the first N test images (column N). AutoAttack: the standard version (APGD-CE, "
+             "APGD-T, FAB-T, Square; `--attacks=autoattack`) on the first N_AA test images, "
+             "where measured (`--autoattack_examples`). Train time: wall-clock seconds of training on "
              "this 2-core CPU (graph mode). Gradient evaluations: forward+backward passes per "
              "training example over the run.", ""]
     for ds in datasets:
         lines += [f"## {ds} (eps {EPS[ds]})", "",
-                  "| method | flagfile | n | clean % | PGD-20 % | PGD-100x2 % | AA-lite % | N | train s | grad evals / example |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| method | flagfile | n | clean % | PGD-20 % | PGD-100x2 % | AA-lite % | N | "
+                  "AutoAttack % | N_AA | train s | grad evals / example |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for m in methods:
             r = rows.get((ds, m))
             if not r:
@@ -153,6 +163,7 @@ def report(rows, runs, out_md, datasets, methods, command):
                 f"| {m} | `experiments/grid/{ds}_{m}.flags` | {len(r)} | {fmt([x['clean'] for x in r])} | "
                 f"{fmt([x['pgd20'] for x in r])} | {fmt([x['pgd100'] for x in r])} | "
                 f"{fmt([x['aa_lite'] for x in r])} | {r[0]['strong_n']} | "
+                f"{fmt([x['aa'] for x in r])} | {r[0]['aa_n'] or '-'} | "
                 f"{fmt([x['train_s'] for x in r], pct=False)} | "
                 f"{fmt([x['grad_evals_per_example'] for x in r], pct=False)} |")
         lines.append("")
@@ -193,6 +204,8 @@ def add_run_args(p, seeds, output):
     p.add_argument("--strong_examples", type=int, default=1000)
     p.add_argument("--report_only", action="store_true")
     p.add_argument("--output", default=output)
+    p.add_argument("--autoattack_examples", type=int, default=0,
+                   help="also run the full AutoAttack on the first N test images (0: no)")
 
 
 def main():
@@ -210,7 +223,8 @@ def main():
         for seed in seeds:
             for ds in datasets:
                 for m in methods:
-                    run_one(ds, m, seed, runs, args.strong_examples)
+                    run_one(ds, m, seed, runs, args.strong_examples,
+                            autoattack=args.autoattack_examples)
                     print(f"[{time.time() - start:.0f} s] done {ds} {m} seed {seed}", flush=True)
     command = "python bench/reproduce.py " + " ".join(sys.argv[1:])
     report(collect(runs, datasets, methods, seeds), args.runs, REPO / args.output, datasets, methods, command.strip())

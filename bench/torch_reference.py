@@ -45,13 +45,13 @@ try:
     import torch
     import torch.nn.functional as F
 except ImportError:  # pragma: no cover - depends on the machine
-    raise SystemExit("bench/torch_reference.py needs PyTorch: pip install torch==2.13.0")
+    raise SystemExit("bench/torch_reference.py needs PyTorch: pip install torch==2.13.0") from None
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+import step_cost  # noqa: E402  (bench/step_cost.py: the TF side of the timing)
 import tensorflow as tf  # noqa: E402
 
-import step_cost  # noqa: E402  (bench/step_cost.py: the TF side of the timing)
 from tf_backsmooth import attacks, models  # noqa: E402
 from tf_backsmooth.robust_model import RobustModel  # noqa: E402
 

@@ -7,10 +7,10 @@ XLA mode. Property tests then check the invariants on a small CNN.
 
 import numpy as np
 import pytest
-import tensorflow as tf
-
 import reference as ref
+import tensorflow as tf
 from conftest import MODES, run_in_mode
+
 from tf_backsmooth import attacks, objectives, rng
 
 B, D, C = 8, 5, 3

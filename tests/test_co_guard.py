@@ -8,7 +8,6 @@ Every fit runs in graph mode (the default compile).
 """
 
 import json
-import os
 
 import keras
 import numpy as np
@@ -338,7 +337,7 @@ def test_max_collapses_stops_with_last_good_weights(tmp_path):
 
     # ---- event log, measurement log, state, snapshot, TensorBoard
     d = model_dir / "co_guard"
-    events = [json.loads(l) for l in (d / "events.jsonl").read_text().splitlines()]
+    events = [json.loads(ln) for ln in (d / "events.jsonl").read_text().splitlines()]
     assert [e["event"] for e in events] == ["collapse", "collapse"]
     assert events[-1]["action"] == "stop"
     measurements = (d / "measurements.jsonl").read_text().splitlines()

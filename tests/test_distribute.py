@@ -4,10 +4,12 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from conftest import two_replica_strategy
+
 from tf_backsmooth import distribute, schedules
 from tf_backsmooth.robust_model import RobustModel
+
+pytestmark = pytest.mark.multi_device
 
 GLOBAL_BATCH = 16
 
@@ -62,7 +64,7 @@ def test_two_replicas_match_one_device(method, kw, jit):
 def test_backward_smoothing_with_batchnorm_trains_under_mirrored(jit):
     model, h = _fit(_two(), "backward_smoothing", jit, batchnorm=True, epsilon=0.1)
     assert np.isfinite(h["loss"][0])
-    bn = [l for l in model.base_model.layers if isinstance(l, keras.layers.BatchNormalization)][0]
+    bn = [ln for ln in model.base_model.layers if isinstance(ln, keras.layers.BatchNormalization)][0]
     assert not np.allclose(bn.moving_mean.numpy(), 0.0)  # statistics were updated
 
 

@@ -13,10 +13,10 @@ from fractions import Fraction
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
-
 import reference as ref
+import tensorflow as tf
 from conftest import MODES, REPO, run_in_mode, shared_data_dir
+
 from tf_backsmooth import evaluation as ev
 
 EVALUATE = REPO / "bin" / "evaluate"

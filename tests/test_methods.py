@@ -12,9 +12,9 @@ import dataclasses
 import keras
 import numpy as np
 import pytest
-
 import reference as ref
 from conftest import MODES
+
 from tf_backsmooth import methods
 from tf_backsmooth.config import ConfigError
 from tf_backsmooth.robust_model import RobustModel

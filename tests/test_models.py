@@ -199,6 +199,9 @@ def test_torch_init_draws_kernels_and_biases_like_pytorch():
             assert np.abs(w).max() > 0.5 * bound  # spread over the whole interval
         # Uniform on [-b, b]: standard deviation b / sqrt(3).
         assert kernel.std() == pytest.approx(bound / np.sqrt(3), rel=0.1)
+        # Independent draws: the bias is not a copy of the kernel's first entries
+        # (what an unseeded Keras initializer called twice gives).
+        assert np.abs(bias - kernel.reshape(-1)[:len(bias)]).max() > 0.1 * bound
         assert not np.allclose(kernel, glorot.get_layer(layer.name).kernel.numpy())
         assert np.all(glorot.get_layer(layer.name).bias.numpy() == 0)
     with pytest.raises(ValueError, match="init"):

@@ -9,8 +9,9 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
+
+pytestmark = [pytest.mark.slow, pytest.mark.multi_device]
 
 
 def _free_ports(n):
@@ -49,9 +50,9 @@ def test_two_workers_identical_weights_and_chief_only_outputs(tmp_path, mnist_di
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    for proc, (out, err) in zip(procs, outputs):
+    for proc, (_out, err) in zip(procs, outputs):
         assert proc.returncode == 0, err[-3000:]
-    fingerprints = [next(l for l in out.splitlines() if l.startswith("weights sha256"))
+    fingerprints = [next(ln for ln in out.splitlines() if ln.startswith("weights sha256"))
                     for out, _ in outputs]
     assert fingerprints[0] == fingerprints[1]
     results = json.loads((model_dir / "results.json").read_text())
@@ -59,7 +60,7 @@ def test_two_workers_identical_weights_and_chief_only_outputs(tmp_path, mnist_di
     manifest = json.loads((model_dir / "manifest.json").read_text())
     assert manifest["num_replicas"] == 2 and manifest["strategy"] == "multi_worker"
     # Only the chief (worker 0) wrote: one line per epoch, one events writer.
-    epochs = [json.loads(l)["epoch"] for l in (model_dir / "metrics.jsonl").read_text().splitlines()]
+    epochs = [json.loads(ln)["epoch"] for ln in (model_dir / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2]
     per_dir = {os.path.basename(root): [f for f in files if "tfevents" in f]
                for root, _, files in os.walk(model_dir / "tensorboard")}

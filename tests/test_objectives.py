@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
-import tensorflow as tf
-
 import reference as ref
+import tensorflow as tf
 from conftest import two_replica_strategy
+
 from tf_backsmooth import objectives
 
 

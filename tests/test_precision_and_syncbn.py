@@ -4,10 +4,12 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from conftest import two_replica_strategy
+
 from tf_backsmooth import attacks
 from tf_backsmooth.robust_model import RobustModel
+
+pytestmark = pytest.mark.multi_device
 
 
 @pytest.fixture

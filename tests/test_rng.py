@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
-import tensorflow as tf
-
 import reference as ref
+import tensorflow as tf
 from conftest import MODES, run_in_mode
+
 from tf_backsmooth import rng
 
 

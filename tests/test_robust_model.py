@@ -60,7 +60,7 @@ def test_attack_runs_in_inference_mode_and_keeps_batchnorm_stats():
     base = _cnn(batchnorm=True)
     model = RobustModel(base, epsilon=0.1, seed=0)
     model.compile(optimizer=keras.optimizers.SGD(0.0), run_eagerly=True)
-    bn = [l for l in base.layers if isinstance(l, keras.layers.BatchNormalization)][0]
+    bn = [ln for ln in base.layers if isinstance(ln, keras.layers.BatchNormalization)][0]
     calls = []
     original = bn.call
 

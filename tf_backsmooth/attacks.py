@@ -23,10 +23,11 @@ Conventions
 
 from __future__ import annotations
 
+import math
+
 import tensorflow as tf
 
-from tf_backsmooth import objectives
-from tf_backsmooth import rng
+from tf_backsmooth import objectives, rng
 
 # Loss scale applied to the attack's surrogate loss when the model computes in
 # float16: the perturbation only uses the gradient's sign, which a positive
@@ -152,7 +153,7 @@ def fgsm(model_fn, x, y, epsilon, step_size=None, random_start=False,
     does; only the result is projected. With ``step_size >= 2 * r`` (their
     0.375 at eps 0.3 is not) both give the same result for the same gradient
     sign; what differs is where the gradient is taken. See
-    docs/MNIST_RECIPES.md for when it matters.
+    docs/MNIST_STUDY.md (section 3) for when it matters.
     """
     step_size = epsilon if step_size is None else step_size
     x = tf.convert_to_tensor(x)
@@ -273,3 +274,217 @@ def backward_smoothing_with_logits(model_fn, x, epsilon, step_size, gamma=1.0,
     x_adv = iterate(model_fn, x, x1, surrogate("kl", target_logits=clean_logits),
                     epsilon, step_size, steps)
     return x_adv, clean_logits
+
+
+# ----------------------------------------------------------------------------
+# Square Attack (score-based, no gradients)
+# ----------------------------------------------------------------------------
+SQUARE_P_THRESHOLDS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
+
+
+def square_fraction(i, n_queries, p_init=0.8):
+    """Square's p-schedule: the fraction of pixels the square covers at query ``i``.
+
+    AutoAttack's schedule rescaled to ``n_queries`` (``resc_schedule``): with
+    ``r = int(i / n_queries * 10000)`` (float64, as the reference computes it),
+    ``p = p_init / 2^k`` where ``k`` is how many of ``SQUARE_P_THRESHOLDS``
+    lie strictly below ``r``. ``i`` may be a Python int or an int32 tensor.
+    """
+    r = tf.floor(tf.cast(i, tf.float64) / float(n_queries) * 10000.0)
+    k = tf.reduce_sum(tf.cast(r > tf.constant(SQUARE_P_THRESHOLDS, tf.float64), tf.float64))
+    return p_init / tf.pow(tf.constant(2.0, tf.float64), k)
+
+
+def square_size(p, height, width):
+    """Side of the square: ``max(round(sqrt(p * H * W)), 1)``, at most ``min(H, W)``."""
+    side = tf.round(tf.sqrt(tf.cast(p, tf.float64) * float(height * width)))
+    return tf.cast(tf.clip_by_value(side, 1.0, float(min(height, width))), tf.int32)
+
+
+def square(model_fn, x, y, epsilon, n_queries=5000, p_init=0.8, seed=None,
+           index=None):
+    """Square Attack (Andriushchenko et al. 2020), L-inf, AutoAttack's version.
+
+    A random search that only reads logits, so a masked gradient does not
+    stop it. Start: vertical stripes, ``x + eps * s`` with one random sign per
+    example, column and channel. Each of ``n_queries`` iterations draws, per
+    example, a square of side ``square_size(square_fraction(i))`` at a random
+    position and one random sign per channel, sets the square to ``x_best +-
+    2 eps`` (then projects onto the ball and ``[0, 1]``), and keeps the
+    candidate when it lowers the margin ``z_y - max_{j != y} z_j``. An example
+    stops as soon as its margin is <= 0 (misclassified).
+
+    Unlike the reference, which draws one square for the whole batch, every
+    example draws its own from ``fold_in(fold_in(seed, i + 1), index)``
+    (``index``: the examples' positions in the evaluated set, default
+    ``0..B-1``), so an example's result does not depend on its batch. The loop
+    ends early once every example is misclassified.
+
+    Returns ``(x_adv, robust)``: the best point found per example (the
+    misclassified one where the attack succeeded) and 1.0 where the margin
+    stayed positive.
+    """
+    x = tf.stop_gradient(tf.convert_to_tensor(x))
+    y = tf.cast(tf.reshape(y, [-1]), tf.int32)
+    _, height, width, channels = x.shape
+    batch = tf.shape(x)[0]
+    index = (tf.range(batch, dtype=tf.int64) if index is None
+             else tf.cast(index, tf.int64))
+    seed = make_seed(seed)
+    eps = tf.cast(epsilon, x.dtype)
+
+    def margin(x_new):
+        return -objectives.margin_loss(y, model_fn(x_new))  # z_y - max other
+
+    def draws(i, n):
+        return rng.uniform_rows(fold_in(fold_in(seed, i), index), n)
+
+    stripes = tf.where(draws(0, width * channels) < 0.5, -1.0, 1.0)
+    stripes = tf.reshape(tf.cast(stripes, x.dtype), [-1, 1, width, channels])
+    x_best = project(x + eps * stripes, x, epsilon)
+    best = margin(x_best)
+    rows = tf.range(height)[tf.newaxis, :, tf.newaxis, tf.newaxis]
+    cols = tf.range(width)[tf.newaxis, tf.newaxis, :, tf.newaxis]
+
+    def body(i, x_best, best):
+        side = square_size(square_fraction(i, n_queries, p_init), height, width)
+        u = draws(i + 1, 2 + channels)
+        top = tf.cast(tf.floor(tf.cast(height - side, tf.float32) * u[:, 0]), tf.int32)
+        left = tf.cast(tf.floor(tf.cast(width - side, tf.float32) * u[:, 1]), tf.int32)
+        top = top[:, tf.newaxis, tf.newaxis, tf.newaxis]
+        left = left[:, tf.newaxis, tf.newaxis, tf.newaxis]
+        inside = ((rows >= top) & (rows < top + side)
+                  & (cols >= left) & (cols < left + side))
+        signs = tf.where(u[:, 2:] < 0.5, -1.0, 1.0)
+        signs = tf.reshape(tf.cast(signs, x.dtype), [-1, 1, 1, channels])
+        x_new = project(x_best + tf.cast(inside, x.dtype) * (2.0 * eps) * signs,
+                        x, epsilon)
+        new = margin(x_new)
+        take = (new < best) & (best > 0.0)
+        x_best = tf.where(take[:, tf.newaxis, tf.newaxis, tf.newaxis], x_new, x_best)
+        return i + 1, tf.stop_gradient(x_best), tf.where(take, new, best)
+
+    _, x_best, best = tf.while_loop(
+        lambda i, _, best: (i < n_queries) & tf.reduce_any(best > 0.0), body,
+        (tf.constant(0), x_best, best), maximum_iterations=n_queries)
+    return tf.stop_gradient(x_best), tf.cast(best > 0.0, tf.float32)
+
+
+# ----------------------------------------------------------------------------
+# FAB-T (minimum-norm, targeted)
+# ----------------------------------------------------------------------------
+FAB_ALPHA_MAX, FAB_ETA, FAB_BETA = 0.1, 1.05, 0.9
+
+
+def project_onto_hyperplane_linf(t, w, b):
+    """The smallest L-inf step ``d`` with ``<w, t + d> = b`` and ``t + d`` in ``[0, 1]``.
+
+    Row-wise for ``t, w`` of shape ``[N, D]`` and ``b`` of shape ``[N]`` (FAB's
+    projection, Croce & Hein 2020, Prop. 2 with the box). Moving coordinate
+    ``i`` by at most ``lam`` towards the side that brings ``<w, .>`` to ``b``
+    changes it by ``|w_i| min(lam, p_i)``, ``p_i`` the room left in ``[0, 1]``;
+    the smallest sufficient ``lam`` is found by a sort and a binary search
+    over the breakpoints ``p`` (``ceil(log2 D)`` fixed iterations, so the
+    shapes stay static). When even ``lam = inf`` cannot reach the hyperplane
+    every coordinate moves to its bound. Coordinates with ``w_i = 0`` stay.
+    """
+    dim = int(t.shape[-1])
+    side = tf.where(tf.reduce_sum(w * t, 1) - b >= 0, 1.0, -1.0)
+    side = tf.cast(side, t.dtype)
+    w = w * side[:, tf.newaxis]
+    b = b * side
+    up = tf.cast(w < 0, t.dtype)  # coordinates that move towards 1
+    used = tf.cast(w != 0, t.dtype)
+    d = (up - t) * used  # the full move to the bound
+    room = up - t * (2.0 * up - 1.0)
+    order = tf.reverse(tf.argsort(room, axis=1), axis=[1])  # largest room first
+    w_sorted = tf.gather(w, order, batch_dims=1)
+    room_sorted = tf.gather(room, order, batch_dims=1)
+    need = b - tf.reduce_sum(w * t, 1)  # <= 0: the change of <w, .> we need
+    full = tf.reduce_sum(w * d, 1)  # the change when every coordinate moves fully
+    # Change at lam = room_sorted[j]: the first j+1 coordinates move by lam,
+    # the others fully.
+    slope = tf.cumsum(tf.abs(w_sorted), axis=1)
+    fixed = tf.cumsum(-w_sorted * tf.gather(d, order, batch_dims=1), axis=1) + full[:, None]
+    below_all = need - (fixed[:, -1] - slope[:, -1] * room_sorted[:, -1]) > 0
+    search = (need - full > 0) & ~below_all
+    lo = tf.zeros_like(need, tf.int32)
+    hi = tf.fill(tf.shape(lo), dim - 1)
+    for _ in range(max(1, math.ceil(math.log2(dim)))):
+        mid = (lo + hi) // 2
+        at = lambda v: tf.gather(v, mid[:, None], batch_dims=1)[:, 0]  # noqa: E731
+        go_right = need - (at(fixed) - at(slope) * at(room_sorted)) > 0
+        lo = tf.where(go_right, mid, lo)
+        hi = tf.where(go_right, hi, mid)
+    at_lo = lambda v: tf.gather(v, lo[:, None], batch_dims=1)[:, 0]  # noqa: E731
+    lam = tf.maximum((need - at_lo(fixed)) / -at_lo(slope), 0.0)[:, None]
+    lam_all = tf.maximum((need - fixed[:, -1]) / -slope[:, -1], 0.0)[:, None]
+    d_search = tf.minimum(lam, d) * up + tf.maximum(-lam, d) * (1.0 - up)
+    d = tf.where(below_all[:, None], (2.0 * up - 1.0) * lam_all,
+                 tf.where(search[:, None], d_search, d))
+    return d * used
+
+
+def fab_targeted(model_fn, x, y, epsilon, target_rank=1, steps=100,
+                 alpha_max=FAB_ALPHA_MAX, eta=FAB_ETA, beta=FAB_BETA):
+    """FAB-T (Croce & Hein 2020), L-inf, one run from the clean input.
+
+    The target is the ``target_rank``-th highest-scoring class at ``x`` other
+    than the top one (for a correctly classified example: the ``target_rank``-th
+    most likely wrong class). Each of ``steps`` iterations linearises
+    ``f_t - f_y`` at the iterate, projects both the iterate and ``x`` onto the
+    linearised decision boundary (within ``[0, 1]``), moves to the convex
+    combination ``(1 - a)(x_k + eta d_k) + a (x + eta d_0)`` with ``a = min(
+    |d_k| / (|d_k| + |d_0|), alpha_max)``, and, whenever that point is
+    misclassified, records it if it is the closest so far and pulls the
+    iterate towards ``x`` by ``beta``. Deterministic (AutoAttack's first
+    restart has no random start).
+
+    Returns ``(x_adv, robust)``: the closest misclassified point found where
+    it lies within ``epsilon`` (else ``x``), and 1.0 where none does.
+    """
+    x = tf.stop_gradient(tf.convert_to_tensor(x))
+    y = tf.cast(tf.reshape(y, [-1]), tf.int32)
+    batch = tf.shape(x)[0]
+    features = math.prod(x.shape[1:])  # static, so the projection's loop is too
+    x0 = tf.reshape(x, [batch, features])
+    order = tf.argsort(model_fn(x), axis=1, direction="DESCENDING", stable=True)
+    target = order[:, target_rank]
+    pair = tf.stack([y, target], axis=1)
+
+    def gap(logits):  # f_t - f_y, >= 0 once the target beats the label
+        picked = tf.gather(tf.cast(logits, x.dtype), pair, batch_dims=1)
+        return picked[:, 1] - picked[:, 0]
+
+    def body(i, x1, best_x, best_norm):
+        value, grad, logits = input_gradient(model_fn, x1, gap)
+        if logits.dtype == tf.float16:  # FAB uses the gradient's size, not its sign
+            grad = grad / FLOAT16_INPUT_GRAD_SCALE
+        w = tf.reshape(tf.cast(grad, x.dtype), [batch, features])
+        flat = tf.reshape(x1, [batch, features])
+        b = -value + tf.reduce_sum(w * flat, 1)
+        d = project_onto_hyperplane_linf(tf.concat([flat, x0], 0),
+                                         tf.concat([w, w], 0), tf.concat([b, b], 0))
+        d1, d2 = d[:batch], d[batch:]
+        a1 = tf.maximum(tf.reduce_max(tf.abs(d1), 1, keepdims=True), 1e-8)
+        a2 = tf.maximum(tf.reduce_max(tf.abs(d2), 1, keepdims=True), 1e-8)
+        alpha = tf.minimum(tf.maximum(a1 / (a1 + a2), 0.0), alpha_max)
+        flat = tf.clip_by_value((flat + eta * d1) * (1.0 - alpha)
+                                + (x0 + eta * d2) * alpha, 0.0, 1.0)
+        logits = model_fn(tf.reshape(flat, tf.shape(x)))
+        wrong = tf.argmax(logits, axis=1, output_type=tf.int32) != y
+        norm = tf.reduce_max(tf.abs(flat - x0), 1)
+        better = wrong & (norm < best_norm)
+        best_x = tf.where(better[:, None], flat, best_x)
+        best_norm = tf.where(better, norm, best_norm)
+        flat = tf.where(wrong[:, None], x0 + (flat - x0) * beta, flat)
+        return (i + 1, tf.stop_gradient(tf.reshape(flat, tf.shape(x))),
+                tf.stop_gradient(best_x), best_norm)
+
+    _, _, best_x, best_norm = tf.while_loop(
+        lambda i, *_: i < steps, body,
+        (tf.constant(0), x, x0, tf.fill([batch], tf.constant(1e10, x.dtype))),
+        maximum_iterations=steps)
+    broken = best_norm <= tf.cast(epsilon, x.dtype)
+    x_adv = tf.where(broken[:, None], best_x, x0)  # beyond epsilon does not count
+    return tf.reshape(x_adv, tf.shape(x)), 1.0 - tf.cast(broken, tf.float32)

@@ -11,23 +11,29 @@ same values so that all replicas take the same decisions.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import logging
 import math
 import os
+import re
 import time
+import zipfile
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_backsmooth import attacks
+from tf_backsmooth import attacks, fileio
+
+log = logging.getLogger("tf_backsmooth")
 
 
-def _atomic_write_json(path, payload):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+def _finite_loss(logs):
+    """False for the epoch logs of an epoch that ended in a NaN/inf loss."""
+    loss = (logs or {}).get("loss")
+    return loss is None or math.isfinite(float(loss))
 
 
 class RobustValidation(keras.callbacks.Callback):
@@ -48,7 +54,7 @@ class RobustValidation(keras.callbacks.Callback):
         return self.every > 0 and ((epoch + 1) % self.every == 0 or last)
 
     def on_epoch_end(self, epoch, logs=None):
-        if logs is None or not self._due(epoch):
+        if logs is None or not self._due(epoch) or not _finite_loss(logs):
             return
         from tf_backsmooth import evaluation
         base = self.model.base_model
@@ -79,34 +85,48 @@ class BestCheckpoint(keras.callbacks.Callback):
         self.best = -math.inf
         self.best_epoch = None
         self.best_weights = None
+        self._sha256 = None
 
     def restore_best(self, base_model):
-        """Loads the selected weights into ``base_model``; False if none."""
+        """Loads the selected weights into ``base_model``; False if none.
+
+        The file chosen before a resume is loaded only if its sha256 matches
+        the one recorded in ``best.json`` when it was written."""
         if self.best_weights is not None:
             base_model.set_weights(self.best_weights)
             return True
-        if os.path.exists(self.weights_path):  # chosen before a resume
-            base_model.load_weights(self.weights_path)
-            return True
-        return False
+        if self.best_epoch is None or not os.path.exists(self.weights_path):
+            return False  # without best.json the file was never selected
+        if (self._sha256 is not None  # (recorded since issue 15)
+                and fileio.sha256_file(self.weights_path) != self._sha256):
+            log.warning("%s does not match the checksum in %s (damaged); "
+                        "using the last weights instead", self.weights_path,
+                        self.info_path)
+            return False
+        base_model.load_weights(self.weights_path)
+        return True
 
     def on_train_begin(self, logs=None):
+        self._sha256 = None
         if os.path.exists(self.info_path) and os.path.exists(self.weights_path):
             with open(self.info_path) as f:
                 info = json.load(f)
             self.best, self.best_epoch = info["value"], info["epoch"]
+            self._sha256 = info.get("sha256")
 
     def on_epoch_end(self, epoch, logs=None):
         value = (logs or {}).get(self.monitor)
-        if value is None or not math.isfinite(value) or value <= self.best:
+        if (value is None or not math.isfinite(value) or value <= self.best
+                or not _finite_loss(logs)):
             return
         self.best, self.best_epoch = float(value), epoch + 1
         self.best_weights = [w.copy() for w in self.model.base_model.get_weights()]
         if self.is_chief:
-            self.model.base_model.save_weights(self.weights_path)
-            _atomic_write_json(self.info_path, {
+            self._sha256 = fileio.save_weights(self.model.base_model,
+                                               self.weights_path)
+            fileio.write_json(self.info_path, {
                 "monitor": self.monitor, "value": self.best,
-                "epoch": self.best_epoch})
+                "epoch": self.best_epoch, "sha256": self._sha256})
 
 
 class FailureDetector(keras.callbacks.Callback):
@@ -151,12 +171,14 @@ class FailureDetector(keras.callbacks.Callback):
 class RunLog(keras.callbacks.Callback):
     """Adds ``learning_rate``, ``examples_per_second`` and cumulative
     ``grad_evals`` (forward+backward passes, summed over training examples)
-    to the epoch logs, and appends every epoch's logs to ``metrics.jsonl``.
+    to the epoch logs, and writes every epoch's logs to ``metrics.jsonl``.
 
     Work is counted per executed batch at the method's current cost, so it
     stays right when the catastrophic-overfitting guard rolls the optimizer
-    step back or switches method; a resumed run continues the count from the
-    last line of ``metrics.jsonl``.
+    step back or switches method. A resumed run (:meth:`resume`, called by
+    ``train_lib`` or at the first epoch) continues the count and drops the
+    records of epochs after its checkpoint (they are trained again), so the
+    file never holds an epoch twice; it is rewritten atomically each epoch.
     """
 
     def __init__(self, model_dir, global_batch_size, is_chief=True):
@@ -165,23 +187,20 @@ class RunLog(keras.callbacks.Callback):
         self.global_batch_size = global_batch_size
         self.is_chief = is_chief
         self.grad_evals = 0.0
+        self._records = None
         self._start = None
         self._batches = 0
 
-    def on_train_begin(self, logs=None):
-        self._previous = {}
-        if os.path.exists(self.path):
-            with open(self.path) as f:
-                for line in f:
-                    record = json.loads(line)
-                    self._previous[record["epoch"]] = record
-        self._first = True
+    def resume(self, epoch):
+        """Continues after ``epoch`` completed epochs (0: a new run)."""
+        self._records = {r["epoch"]: r for r in fileio.read_jsonl(self.path)
+                         if r["epoch"] <= epoch}
+        self.grad_evals = float(self._records.get(epoch, {}).get(
+            "grad_evals", 0.0))
 
     def on_epoch_begin(self, epoch, logs=None):
-        if self._first:  # resuming after `epoch` completed epochs
-            record = self._previous.get(epoch, {})
-            self.grad_evals = float(record.get("grad_evals", 0.0))
-            self._first = False
+        if self._records is None:
+            self.resume(epoch)
         self._start = time.perf_counter()
         self._batches = 0
 
@@ -202,12 +221,12 @@ class RunLog(keras.callbacks.Callback):
                                        / max(seconds, 1e-9))
         logs["epoch_seconds"] = seconds
         logs["grad_evals"] = self.grad_evals
+        record = {"epoch": epoch + 1, "step": int(opt.iterations.numpy())}
+        record.update({k: float(v) for k, v in logs.items()})
+        self._records[epoch + 1] = record
         if self.is_chief:
-            record = {"epoch": epoch + 1,
-                      "step": int(opt.iterations.numpy())}
-            record.update({k: float(v) for k, v in logs.items()})
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record, sort_keys=True) + "\n")
+            fileio.write_jsonl(self.path, [self._records[e]
+                                           for e in sorted(self._records)])
 
 
 class AdversarialImages(keras.callbacks.Callback):
@@ -234,8 +253,9 @@ class AdversarialImages(keras.callbacks.Callback):
                 for t in (self.x, x_adv, delta)]
         grid = tf.clip_by_value(tf.concat(rows, axis=0)[None], 0.0, 1.0)
         with self.writer.as_default():
+            # Keras' TensorBoard callback logs epoch scalars at step `epoch`.
             tf.summary.image("clean_adversarial_perturbation", grid,
-                             step=epoch + 1)
+                             step=epoch)
         self.writer.flush()
 
 
@@ -254,22 +274,150 @@ class NaNGuard(keras.callbacks.TerminateOnNaN):
         super().on_batch_end(batch, logs)
 
 
-class Backup(keras.callbacks.BackupAndRestore):
-    """``BackupAndRestore`` (double-checkpointed, so a kill during a save
-    falls back to the previous one) that keeps its files after a NaN stop."""
+class CheckpointError(RuntimeError):
+    """No checkpoint of an interrupted run can be loaded."""
 
-    def __init__(self, backup_dir, nan_guard, is_chief=True):
-        super().__init__(backup_dir, save_freq="epoch", double_checkpoint=True,
-                         delete_checkpoint=True)
+
+def training_state(model):
+    """Every variable a resumed run needs, in a fixed order: the model's
+    (weights, BatchNorm statistics, Dropout RNG states -- which
+    ``save_weights`` leaves out) and the optimizer's (step count, moments)."""
+    state = list(model.variables)
+    seen = {id(v) for v in state}
+    if model.optimizer is not None:
+        state += [v for v in model.optimizer.variables if id(v) not in seen]
+    return state
+
+
+class Backup(keras.callbacks.Callback):
+    """Per-epoch checkpoints of the whole training state, verified on resume.
+
+    At each epoch end (chief only, not after a NaN) it writes
+    ``epoch-<N>.npz`` (:func:`training_state`, so a resumed run continues
+    exactly, Dropout masks included) and then ``training_metadata.json``
+    naming the newest ``keep`` checkpoints with their sha256; older
+    checkpoints are deleted. Every write is atomic (:mod:`fileio`), so a kill
+    or a full disk at any instant leaves the previous checkpoint intact.
+
+    :meth:`restore` (called by ``train_lib`` before ``fit``) tries them
+    newest first -- checksum, archive CRCs, variable count and shapes -- logs
+    which one it used and why it skipped others, and raises
+    :class:`CheckpointError` naming the files when none is usable. The files
+    are kept after training (``train_lib`` deletes the folder once
+    ``results.json`` is written), so a kill during the final evaluation
+    resumes into it.
+    """
+
+    METADATA = "training_metadata.json"
+    _NAME = re.compile(r"^epoch-(\d+)\.npz$")
+
+    def __init__(self, backup_dir, nan_guard=None, is_chief=True, keep=2):
+        super().__init__()
+        self.backup_dir = backup_dir
         self.nan_guard = nan_guard
         self.is_chief = is_chief
+        self.keep = keep
+        self._entries = []
+
+    def _metadata_path(self):
+        return os.path.join(self.backup_dir, self.METADATA)
+
+    def _candidates(self):
+        """Checkpoint entries newest first: those recorded in the metadata
+        (with checksums), then files the metadata does not list (when it is
+        damaged or a kill came between the two writes)."""
+        if not os.path.isdir(self.backup_dir):
+            return []
+        entries = []
+        try:
+            with open(self._metadata_path()) as f:
+                entries = list(json.load(f)["checkpoints"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            if os.path.exists(self._metadata_path()):
+                log.warning("backup: %s is unreadable (%s); checking the "
+                            "checkpoint files themselves",
+                            self._metadata_path(), err)
+        listed = {e["file"] for e in entries}
+        for name in os.listdir(self.backup_dir):
+            match = self._NAME.match(name)
+            if match and name not in listed:
+                entries.append({"epoch": int(match.group(1)), "file": name,
+                                "sha256": None})
+        return sorted(entries, key=lambda e: -e["epoch"])
+
+    def _read(self, entry, variables):
+        path = os.path.join(self.backup_dir, entry["file"])
+        with open(path, "rb") as f:
+            data = f.read()
+        if entry.get("sha256") is not None:
+            if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+                raise ValueError(f"sha256 differs from the one recorded at "
+                                 f"write time ({len(data)} bytes: truncated "
+                                 "or overwritten)")
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            arrays = [npz[f"arr_{i}"] for i in range(len(npz.files))]
+        if len(arrays) != len(variables):
+            raise ValueError(f"holds {len(arrays)} variables, the model has "
+                             f"{len(variables)}")
+        for var, value in zip(variables, arrays):
+            if tuple(value.shape) != tuple(var.shape):
+                raise ValueError(f"variable {var.path} has shape {value.shape}"
+                                 f", the model's is {tuple(var.shape)}")
+        return arrays
+
+    def restore(self, model):
+        """Loads the newest usable checkpoint into ``model`` (built, with
+        its optimizer built); returns its epoch, 0 when there is none."""
+        variables = training_state(model)
+        problems = []
+        for entry in self._candidates():
+            try:
+                arrays = self._read(entry, variables)
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile,
+                    EOFError) as err:
+                problems.append(f"{entry['file']}: {err}")
+                log.warning("backup: cannot use %s (%s); trying the previous "
+                            "checkpoint", entry["file"], err)
+                continue
+            for var, value in zip(variables, arrays):
+                var.assign(value)
+            self._entries = [e for e in self._candidates()
+                             if e["epoch"] <= entry["epoch"]][:self.keep]
+            log.info("backup: resumed from %s (after epoch %d)%s",
+                     os.path.join(self.backup_dir, entry["file"]),
+                     entry["epoch"],
+                     f", skipping {len(problems)} damaged checkpoint(s)"
+                     if problems else "")
+            return int(entry["epoch"])
+        if problems:
+            raise CheckpointError(
+                f"no usable checkpoint in {self.backup_dir} ("
+                + "; ".join(problems) + "): delete that folder to train this "
+                "run again from epoch 0, or put back an intact copy")
+        return 0
+
+    def save(self, epoch):
+        """Writes the checkpoint after ``epoch`` completed epochs."""
+        os.makedirs(self.backup_dir, exist_ok=True)
+        buf = io.BytesIO()
+        np.savez(buf, *[keras.ops.convert_to_numpy(v)
+                        for v in training_state(self.model)])
+        name = f"epoch-{epoch}.npz"
+        sha = fileio.write_bytes(os.path.join(self.backup_dir, name),
+                                 buf.getvalue())
+        self._entries = ([{"epoch": epoch, "file": name, "sha256": sha}]
+                         + [e for e in self._entries
+                            if e["epoch"] < epoch])[:self.keep]
+        fileio.write_json(self._metadata_path(),
+                          {"epoch": epoch, "checkpoints": self._entries})
+        kept = {e["file"] for e in self._entries}
+        for old in os.listdir(self.backup_dir):
+            if self._NAME.match(old) and old not in kept:
+                os.remove(os.path.join(self.backup_dir, old))
 
     def on_epoch_end(self, epoch, logs=None):
         # Only the chief writes; every worker restores from the same files
         # (all replicas hold identical weights).
-        if self.is_chief and not self.nan_guard.hit:
-            super().on_epoch_end(epoch, logs)
-
-    def on_train_end(self, logs=None):
-        if self.is_chief and not self.nan_guard.hit:
-            super().on_train_end(logs)
+        nan = self.nan_guard is not None and self.nan_guard.hit
+        if self.is_chief and not nan and _finite_loss(logs):
+            self.save(epoch + 1)

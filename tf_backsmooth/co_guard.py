@@ -110,11 +110,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_backsmooth import attacks
+from tf_backsmooth import attacks, fileio, objectives
 from tf_backsmooth import methods as methods_lib
-from tf_backsmooth import objectives
-from tf_backsmooth.config import (AttackParams, ConfigError, check_choice,
-                                  check_int, check_real)
+from tf_backsmooth.config import AttackParams, ConfigError, check_choice, check_int, check_real
 
 log = logging.getLogger("tf_backsmooth")
 
@@ -294,7 +292,7 @@ class COGuard(keras.callbacks.Callback):
         with ``pgd_accuracy`` and ``fgsm_accuracy`` (optionally
         ``clean_accuracy``, ``alignment``); for tests and custom probes.
       measure_at_start: measure (and snapshot) before the first step of
-        ``fit`` (after BackupAndRestore restored a resumed run).
+        ``fit`` (after the backup restored a resumed run).
       restore_iterations: roll back ``optimizer.iterations`` too (exact
         restore; the learning-rate schedule then replays the rolled-back
         steps). False keeps the counter.
@@ -445,13 +443,10 @@ class COGuard(keras.callbacks.Callback):
         self.last_good_step = self._step
         path = self.last_good_path
         if path and self.is_chief:
-            tmp = os.path.join(os.path.dirname(path),
-                               "last_good.partial.weights.h5")
-            model.save_weights(tmp)
-            os.replace(tmp, path)
-            _atomic_json(os.path.join(os.path.dirname(path),
-                                      "last_good.json"),
-                         {"step": self._step, "measurement": measurement})
+            fileio.save_weights(model, path)
+            fileio.write_json(os.path.join(os.path.dirname(path),
+                                           "last_good.json"),
+                              {"step": self._step, "measurement": measurement})
 
     def _restore(self):
         snap = self._last_good
@@ -493,8 +488,7 @@ class COGuard(keras.callbacks.Callback):
         log.warning("COGuard: %s", json.dumps(event, sort_keys=True))
         d = self._dir()
         if d and self.is_chief:
-            with open(os.path.join(d, "events.jsonl"), "a") as f:
-                f.write(json.dumps(event, sort_keys=True) + "\n")
+            fileio.append_jsonl(os.path.join(d, "events.jsonl"), event)
         if self._writer is not None:
             with self._writer.as_default():
                 tf.summary.text("co_guard/event",
@@ -513,8 +507,7 @@ class COGuard(keras.callbacks.Callback):
                  " COLLAPSE" if m["collapse"] else "")
         d = self._dir()
         if d and self.is_chief:
-            with open(os.path.join(d, "measurements.jsonl"), "a") as f:
-                f.write(json.dumps(m, sort_keys=True) + "\n")
+            fileio.append_jsonl(os.path.join(d, "measurements.jsonl"), m)
         if self._writer is not None:
             with self._writer.as_default():
                 for key in ("pgd_accuracy", "fgsm_accuracy", "clean_accuracy",
@@ -537,7 +530,7 @@ class COGuard(keras.callbacks.Callback):
         if not d or not self.is_chief:
             return
         model = self.model
-        _atomic_json(os.path.join(d, "state.json"), {
+        fileio.write_json(os.path.join(d, "state.json"), {
             "collapses": self.collapses,
             "method": getattr(model, "method_name", None),
             "params": (_params_dict(model.params)
@@ -657,7 +650,7 @@ class COGuard(keras.callbacks.Callback):
         if self._step == 0:
             self._step = int(self.model.optimizer.iterations.numpy())
         if self.measure_at_start or self._last_good is None:
-            # After every on_train_begin (BackupAndRestore has restored a
+            # After every on_train_begin (the backup has restored a
             # resumed run): the baseline and the first snapshot.
             self._window = []
             self._last_good = None
@@ -708,13 +701,6 @@ class COGuard(keras.callbacks.Callback):
 
 def _fmt(value):
     return "-" if value is None else f"{value:.3f}"
-
-
-def _atomic_json(path, payload):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, path)
 
 
 __all__ = ["COGuard", "collapse_detected", "make_measure_fn", "overhead",

@@ -19,8 +19,19 @@ Attacks (``ATTACKS``): ``fgsm``; ``pgd`` (cross-entropy) and ``pgd_margin``
 (CW margin), both :func:`tf_backsmooth.attacks.pgd` from a uniform random
 start; ``apgd_ce`` (APGD on cross-entropy); ``apgd_t`` (APGD on the targeted
 DLR loss, one run per target class, the ``apgd_targets`` highest-scoring
-non-true classes at the clean input). The preset ``autoattack_lite`` runs
-``apgd_ce`` and then ``apgd_t`` only on the examples that are still robust.
+non-true classes at the clean input); ``fab_t`` (FAB-T,
+:func:`tf_backsmooth.attacks.fab_targeted`, ``fab_steps`` iterations per
+target, the same targets as ``apgd_t``); ``square`` (the gradient-free Square
+Attack, :func:`tf_backsmooth.attacks.square`, ``square_queries`` queries,
+one run). Presets run their attacks in order, each only on the examples
+still robust: ``autoattack_lite`` is ``apgd_ce`` then ``apgd_t``;
+``autoattack`` is AutoAttack's standard version (Croce & Hein 2020):
+``apgd_ce``, ``apgd_t`` (9 targets), ``fab_t`` (9 targets, 100 iterations),
+``square`` (5000 queries); the report lists what each part broke and its
+time (``preset_stages``). When ``square`` runs beside
+gradient attacks, the examples it breaks that every gradient attack missed
+are counted (``square_beyond_gradient``) and, above 1 point, reported as
+gradient masking.
 
 An example counts as robust at an epsilon only if it is correctly classified
 clean AND every chosen attack failed on it (per-example worst case). Attacks
@@ -58,15 +69,26 @@ import numpy as np
 import tensorflow as tf
 
 from tf_backsmooth import attacks as attacks_lib
-from tf_backsmooth import objectives
-from tf_backsmooth import rng
+from tf_backsmooth import objectives, rng
 
-ATTACKS = ("fgsm", "pgd", "pgd_margin", "apgd_ce", "apgd_t")
-PRESETS = {"autoattack_lite": ("apgd_ce", "apgd_t")}
+ATTACKS = ("fgsm", "pgd", "pgd_margin", "apgd_ce", "apgd_t", "fab_t", "square")
+# Presets run their attacks in order, each only on the examples still robust.
+PRESETS = {"autoattack_lite": ("apgd_ce", "apgd_t"),
+           "autoattack": ("apgd_ce", "apgd_t", "fab_t", "square")}
 
 # Fixed per-attack stream ids: an attack's random starts do not depend on
 # which other attacks run or in which order.
-_STREAM = {"fgsm": 1, "pgd": 2, "pgd_margin": 3, "apgd_ce": 4, "apgd_t": 5}
+_STREAM = {"fgsm": 1, "pgd": 2, "pgd_margin": 3, "apgd_ce": 4, "apgd_t": 5,
+           "square": 6, "fab_t": 7}
+
+#: Square Attack queries per example and FAB-T iterations per target
+#: (AutoAttack's standard version).
+SQUARE_QUERIES = 5000
+FAB_STEPS = 100
+
+# Attacks that follow the input gradient (Square only reads logits).
+_GRADIENT_ATTACKS = ("fgsm", "pgd", "pgd_margin", "apgd_ce", "apgd_t", "fab_t",
+                     "autoattack_lite")
 
 #: APGD defaults (Croce & Hein 2020): step-decrease threshold and momentum.
 APGD_RHO = 0.75
@@ -77,7 +99,8 @@ TOLERANCE = 0.01
 
 # (weaker, stronger) attack pairs: the stronger should not score higher.
 _STRENGTH_ORDER = (("fgsm", "pgd"), ("fgsm", "pgd_margin"), ("pgd", "apgd_ce"),
-                   ("pgd_margin", "apgd_t"), ("pgd", "autoattack_lite"))
+                   ("pgd_margin", "apgd_t"), ("pgd", "autoattack_lite"),
+                   ("autoattack_lite", "autoattack"))
 
 
 # ----------------------------------------------------------------------------
@@ -388,6 +411,12 @@ def _batch_fn(model, cache, name, input_shape, steps, step_size, jit):
                                     loss="ce" if name == "pgd" else "margin",
                                     init_noise=noise)
             return x_adv, objectives.correct(y, model_fn(x_adv))
+        if name == "fab_t":
+            return attacks_lib.fab_targeted(model_fn, x, y, eps, target_rank=rank,
+                                            steps=steps)
+        if name == "square":
+            return attacks_lib.square(model_fn, x, y, eps, n_queries=steps,
+                                      seed=seed, index=index)
         if name == "apgd_ce":
             out = apgd(model_fn, x, y, eps, steps, loss="ce", init_noise=noise)
         elif name == "apgd_t":
@@ -465,6 +494,8 @@ def _check_data(x, y):
     y = np.asarray(y)
     if x.ndim < 2 or len(x) == 0:
         raise ValueError(f"x must be a non-empty batch of inputs, got shape {x.shape}")
+    if y.ndim == 2 and y.shape[0] == len(x) and y.shape[1] > 1:
+        y = y.argmax(axis=1)  # one-hot or label-smoothed targets
     if y.shape != (len(x),):
         raise ValueError(f"y must have shape ({len(x)},), got {y.shape}")
     if not np.issubdtype(y.dtype, np.integer):
@@ -535,12 +566,13 @@ class _Runner:
         return self.run("clean", np.arange(len(self.x)), label="clean")
 
     def attack(self, name, active, eps, *, pgd_steps, restarts, step_size,
-               apgd_steps, apgd_targets):
+               apgd_steps, apgd_targets, square_queries=SQUARE_QUERIES,
+               fab_steps=FAB_STEPS):
         """Per-example robustness (bool [N]) of ``name`` on indices ``active``.
 
         Examples outside ``active`` are reported non-robust. Every restart
-        (and every APGD-T target) only attacks the examples that are still
-        robust, so an example is robust only if all of them failed.
+        (and every APGD-T and FAB-T target) only attacks the examples that are
+        still robust, so an example is robust only if all of them failed.
         """
         robust = np.zeros(len(self.x), bool)
         if len(active) == 0:
@@ -548,8 +580,15 @@ class _Runner:
         if name == "fgsm":
             robust[active] = self.run("fgsm", active, eps, stream=(_STREAM[name],))
             return robust
-        steps = pgd_steps if name in ("pgd", "pgd_margin") else apgd_steps
-        targets = range(1, apgd_targets + 1) if name == "apgd_t" else [0]
+        if name == "square":  # one run, as in AutoAttack
+            robust[active] = self.run("square", active, eps, square_queries,
+                                      stream=(_STREAM[name],))
+            return robust
+        steps = {"pgd": pgd_steps, "pgd_margin": pgd_steps, "fab_t": fab_steps}.get(
+            name, apgd_steps)
+        if name == "fab_t":  # deterministic: one run per target
+            restarts = 1
+        targets = range(1, apgd_targets + 1) if name in ("apgd_t", "fab_t") else [0]
         rounds = [(t, r) for t in targets for r in range(restarts)]
         robust[active] = True
         for t, r in rounds:
@@ -575,21 +614,23 @@ def _num_classes(model, x, y, attacks=()):
     if y.min() < 0 or y.max() >= num:
         raise ValueError(f"labels must be in [0, {num - 1}] for a model with {num} "
                          f"outputs, got [{y.min()}, {y.max()}]")
-    if num < 4 and ("apgd_t" in attacks or "autoattack_lite" in attacks):
+    if num < 4 and {"apgd_t", "autoattack_lite", "autoattack"} & set(attacks):
         raise ValueError(f"apgd_t needs >= 4 classes, the model has {num}")
     return num
 
 
 def evaluate(model, x, y, epsilons, attacks=("pgd",), *, batch_size=256,
              pgd_steps=20, restarts=1, step_size=None, apgd_steps=100, seed=0,
-             progress=False, apgd_targets=9, jit_compile=False) -> dict:
+             progress=False, apgd_targets=9, jit_compile=False,
+             square_queries=SQUARE_QUERIES, fab_steps=FAB_STEPS,
+             per_example=False) -> dict:
     """Clean and robust accuracy of ``model`` on ``(x, y)`` under L-inf attacks.
 
     Args:
       model: a ``keras.Model`` (``[0, 1]`` images -> logits; called with
         ``training=False``) or any callable ``x -> logits``.
       x, y: images in ``[0, 1]`` (float, or uint8 divided by 255) and
-        integer labels.
+        integer labels (or one-hot / label-smoothed targets: their arg-max).
       epsilons: one epsilon or a sequence (pixel units, in ``[0, 1]``).
       attacks: names from ``ATTACKS`` or ``PRESETS`` (a sequence or a
         comma-separated string).
@@ -599,6 +640,11 @@ def evaluate(model, x, y, epsilons, attacks=("pgd",), *, batch_size=256,
         apgd_t.
       apgd_steps, apgd_targets: APGD iterations per run and APGD-T's number
         of target classes (capped at ``num_classes - 1``).
+      square_queries: Square Attack's queries per example (one run).
+      fab_steps: FAB-T iterations per target (targets: ``apgd_targets``).
+      per_example: also return each example's verdicts (``per_example``:
+        ``{str(eps): {attack: [bool, ...]}}``, True = robust; ``clean``: the
+        clean verdicts), e.g. to compare with another implementation.
       seed: int; fixes every random start.
       progress: print a line per batch to stderr.
       jit_compile: compile the per-batch attacks with XLA.
@@ -608,7 +654,12 @@ def evaluate(model, x, y, epsilons, attacks=("pgd",), *, batch_size=256,
     ``attacks`` (``{str(eps): {attack: accuracy}}``; ``autoattack_lite``
     also reports its full ``apgd_ce`` run); ``epsilons``; ``num_examples``;
     ``settings``; ``seconds`` and ``images_per_second`` (examples x epsilons
-    evaluated per second of wall time, all attacks included); ``warnings``
+    evaluated per second of wall time, all attacks included);
+    ``attack_seconds`` (``{str(eps): {attack: seconds}}``); ``preset_stages``
+    (``{str(eps): {preset: [{attack, broken, robust_accuracy, seconds}]}}``:
+    how many examples each part of a preset broke and its time);
+    ``square_beyond_gradient`` (only with ``square`` and a gradient attack:
+    ``{str(eps): fraction of examples only Square broke}``); ``warnings``
     (from :func:`sanity_checks`).
     """
     start = time.perf_counter()
@@ -620,6 +671,8 @@ def evaluate(model, x, y, epsilons, attacks=("pgd",), *, batch_size=256,
     restarts = _positive_int(restarts, "restarts")
     apgd_steps = _positive_int(apgd_steps, "apgd_steps")
     apgd_targets = _positive_int(apgd_targets, "apgd_targets")
+    square_queries = _positive_int(square_queries, "square_queries")
+    fab_steps = _positive_int(fab_steps, "fab_steps")
     seed = _positive_int(seed, "seed", minimum=0)
     if step_size is not None and not (float(step_size) > 0):
         raise ValueError(f"step_size must be positive, got {step_size!r}")
@@ -630,29 +683,48 @@ def evaluate(model, x, y, epsilons, attacks=("pgd",), *, batch_size=256,
     clean = runner.clean()
     clean_idx = np.flatnonzero(clean)
     kw = dict(pgd_steps=pgd_steps, restarts=restarts, step_size=step_size,
-              apgd_steps=apgd_steps, apgd_targets=apgd_targets)
+              apgd_steps=apgd_steps, apgd_targets=apgd_targets,
+              square_queries=square_queries, fab_steps=fab_steps)
 
-    per_attack, worst = {}, {}
+    per_attack, worst, seconds_by, beyond, stages, verdicts = {}, {}, {}, {}, {}, {}
     for eps in eps_list:
         key = str(eps)
-        done = {}
+        done, spent = {}, {}
         for n in names:
-            if n in PRESETS:  # apgd_ce, then apgd_t on what is left
-                if "apgd_ce" not in done:
-                    done["apgd_ce"] = runner.attack("apgd_ce", clean_idx, eps, **kw)
-                robust = done["apgd_ce"].copy()
-                if "apgd_t" in done:
-                    robust &= done["apgd_t"]
-                else:  # False outside `left`, the apgd_t result on it
-                    robust = runner.attack("apgd_t", np.flatnonzero(robust),
-                                           eps, **kw)
+            t0 = time.perf_counter()
+            if n in PRESETS:  # each part only on what the earlier ones left
+                robust, log = clean.copy(), []
+                for part in PRESETS[n]:
+                    t1 = time.perf_counter()
+                    if part in done:  # per-example results: reuse a full run
+                        after = robust & done[part]
+                    elif part == PRESETS[n][0]:
+                        done[part] = runner.attack(part, clean_idx, eps, **kw)
+                        after = done[part].copy()
+                    else:
+                        after = runner.attack(part, np.flatnonzero(robust), eps, **kw)
+                    log.append({"attack": part, "broken": int(robust.sum() - after.sum()),
+                                "robust_accuracy": float(after.mean()),
+                                "seconds": time.perf_counter() - t1})
+                    robust = after
                 done[n] = robust
+                stages.setdefault(key, {})[n] = log
             elif n not in done:
                 done[n] = runner.attack(n, clean_idx, eps, **kw)
+            spent[n] = time.perf_counter() - t0
+        seconds_by[key] = spent
+        grad_names = [n for n in done if n in _GRADIENT_ATTACKS]
+        if "square" in done and grad_names:
+            missed = np.logical_and.reduce([done[n] for n in grad_names])
+            beyond[key] = float((missed & ~done["square"]).mean())
+        elif "autoattack" in done:  # its Square only saw what the rest missed
+            beyond[key] = stages[key]["autoattack"][-1]["broken"] / len(x)
         report_names = list(names)
         if any(n in PRESETS for n in names) and "apgd_ce" not in report_names:
             report_names.append("apgd_ce")
         per_attack[key] = {n: float(done[n].mean()) for n in report_names}
+        if per_example:
+            verdicts[key] = {n: done[n].tolist() for n in report_names}
         all_robust = clean.copy()
         for v in done.values():
             all_robust &= v
@@ -684,7 +756,17 @@ def evaluate(model, x, y, epsilons, attacks=("pgd",), *, batch_size=256,
         },
         "seconds": seconds,
         "images_per_second": len(x) * len(eps_list) / max(seconds, 1e-9),
+        "attack_seconds": seconds_by,
     }
+    if stages:
+        report["preset_stages"] = stages
+    if per_example:
+        report["per_example"] = {"clean": clean.tolist(), **verdicts}
+    report["settings"].update(square_queries=square_queries, fab_steps=fab_steps,
+                              fab_alpha_max=attacks_lib.FAB_ALPHA_MAX,
+                              fab_eta=attacks_lib.FAB_ETA, fab_beta=attacks_lib.FAB_BETA)
+    if beyond:
+        report["square_beyond_gradient"] = beyond
     report["warnings"] = sanity_checks(model, x, y, report)
     return report
 
@@ -693,7 +775,7 @@ def robust_accuracy(model, x, y, epsilon, attack="pgd", steps=20,
                     step_size=None, restarts=1, batch_size=256, seed=0) -> float:
     """Accuracy under one attack at one epsilon (clean-wrong count as broken).
 
-    ``steps`` is PGD's or APGD's number of iterations. Compiled functions are
+    ``steps`` is PGD's or APGD's iterations, or Square's queries. Compiled functions are
     cached per model, so calling this every few epochs does not retrace.
     """
     names = parse_attacks([attack])
@@ -711,7 +793,8 @@ def robust_accuracy(model, x, y, epsilon, attack="pgd", steps=20,
     robust = runner.attack(names[0], clean_idx, eps[0], pgd_steps=steps,
                            restarts=_positive_int(restarts, "restarts"),
                            step_size=step_size, apgd_steps=steps,
-                           apgd_targets=min(9, num_classes - 1))
+                           apgd_targets=min(9, num_classes - 1),
+                           square_queries=steps)
     return float(robust.mean())
 
 
@@ -720,7 +803,7 @@ def adversarial_examples(model, x, y, epsilon, attack="pgd", *, steps=20,
                          target_rank=1):
     """``(x_adv, robust)`` of one attack (one start) on every example.
 
-    ``steps`` is PGD's or APGD's iterations. For ``apgd_t`` one target,
+    ``steps`` is PGD's or APGD's iterations, or Square's queries. For ``apgd_t`` one target,
     ``target_rank`` (1 = the highest-scoring non-true class), is attacked.
     ``robust`` is True where the attack failed. The random starts are those
     of :func:`evaluate`'s first restart with the same ``seed``.
@@ -735,7 +818,8 @@ def adversarial_examples(model, x, y, epsilon, attack="pgd", *, steps=20,
                      _positive_int(seed, "seed", 0), False, False)
     robust, x_adv = runner.run(
         name, np.arange(len(x)), eps, _positive_int(steps, "steps"), step_size,
-        stream=(_STREAM[name], target_rank if name == "apgd_t" else 0, 0),
+        stream=((_STREAM[name],) if name == "square" else
+                (_STREAM[name], target_rank if name == "apgd_t" else 0, 0)),
         rank=target_rank, keep_adv=True)
     return x_adv, robust
 
@@ -771,7 +855,8 @@ def sanity_checks(model, x, y, report, *, sample_size=256,
     keys the report lacks): a robust accuracy above the clean one; a stronger
     attack (pgd over fgsm, apgd over pgd) scoring more than ``tolerance``
     above a weaker one; a robust accuracy that rises with epsilon by more
-    than ``tolerance``.
+    than ``tolerance``; Square breaking more than ``tolerance`` of the
+    examples that every gradient attack missed (``square_beyond_gradient``).
     """
     warnings = []
     if model is not None and x is not None and len(x):
@@ -818,6 +903,12 @@ def sanity_checks(model, x, y, report, *, sample_size=256,
                     f"eps={k}: {what} ({strong} {pt(row[strong])} > {weak} "
                     f"{pt(row[weak])}): the stronger attack should not leave a "
                     "higher accuracy; a sign of gradient masking or too few steps")
+    for k, frac in ((report or {}).get("square_beyond_gradient") or {}).items():
+        if frac > tolerance:
+            warnings.append(
+                f"eps={k}: possible gradient masking: square (gradient-free) breaks "
+                f"{pt(frac)} of the examples that every gradient attack missed; "
+                "the gradient attacks overestimate robustness")
     keys = sorted(acc, key=float)
     for small, large in zip(keys, keys[1:]):
         for n, v in acc[large].items():
@@ -848,4 +939,9 @@ def format_table(report) -> str:
         cells = "".join(f"{100 * acc[k][n]:>9.2f}%" if n in acc[k] else f"{'-':>10}"
                         for k in keys)
         lines.append(f"{n:<{width}}{cells}")
+    for k, presets in (report.get("preset_stages") or {}).items():
+        for preset, log in presets.items():
+            parts = ", ".join(f"{st['attack']} broke {st['broken']} ({st['seconds']:.1f} s)"
+                              for st in log)
+            lines.append(f"{preset} at eps={float(k):g}: {parts}")
     return "\n".join(lines)

@@ -30,7 +30,7 @@ def define_flags(flag_values=flags.FLAGS):
     fv = flag_values
     # Data.
     _define(fv, flags.DEFINE_enum, "dataset", d.dataset, config_lib.DATASETS, "Dataset.")
-    _define(fv, flags.DEFINE_string, 
+    _define(fv, flags.DEFINE_string,
         "data_dir", None,
         "Folder with the canonical offline files (IDX .gz for (fashion_)mnist, "
         "CIFAR python batches) or a tensorflow-datasets data_dir. Default: "
@@ -87,7 +87,9 @@ def define_flags(flag_values=flags.FLAGS):
                       "piecewise: /10 at 50% and 75% of training (the paper); "
                       "cyclic: linear up to lr at 40% then down to 0; cosine.")
     _define(fv, flags.DEFINE_float, "weight_decay", d.weight_decay,
-                       "L2 weight decay (coupled, as in the reference code).")
+                       "Weight decay, Keras' decoupled form (w -= lr * wd * w); the "
+                       "PyTorch references add wd * w to the gradient instead "
+                       "(BUILD_NOTES.md).")
     # Run.
     _define(fv, flags.DEFINE_string, "model_dir", d.model_dir, "Run directory.")
     _define(fv, flags.DEFINE_bool, "overwrite", d.overwrite,

@@ -29,8 +29,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import tensorflow as tf
 
-from tf_backsmooth import attacks
-from tf_backsmooth import objectives
+from tf_backsmooth import attacks, objectives
 from tf_backsmooth.config import AttackParams, ConfigError, check_int, check_real
 
 

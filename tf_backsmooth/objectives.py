@@ -21,12 +21,36 @@ def _float32(t):
     return tf.cast(t, tf.float32) if t.dtype != tf.float32 else t
 
 
+def is_distribution(labels, logits):
+    """Whether ``labels`` are per-class targets (one-hot or label-smoothed,
+    Keras' ``categorical_crossentropy`` data) rather than class ids: shaped
+    like the logits, with more than one class. Decided on static shapes."""
+    shape, out = tf.TensorShape(labels.shape), tf.TensorShape(logits.shape)
+    return (shape.rank is not None and shape.rank >= 2
+            and shape.rank == out.rank and shape[-1] is not None
+            and shape[-1] > 1 and shape[-1] == out[-1])
+
+
+def class_ids(labels, logits):
+    """Integer class ids (a vector) from ids of any shape or from targets
+    shaped like ``logits`` (their arg-max)."""
+    labels = tf.convert_to_tensor(labels)
+    if is_distribution(labels, logits):
+        return tf.argmax(labels, axis=-1, output_type=tf.int32)
+    return tf.cast(tf.reshape(labels, [-1]), tf.int32)
+
+
 def cross_entropy(labels, logits):
-    """Per-example softmax cross-entropy; ``labels`` are integer class ids."""
+    """Per-example softmax cross-entropy against integer class ids, or
+    against a target distribution shaped like ``logits`` (one-hot or
+    label-smoothed): ``-sum(p * log_softmax(logits))``."""
     logits = _float32(logits)
-    labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
-    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels,
-                                                          logits=logits)
+    labels = tf.convert_to_tensor(labels)
+    if is_distribution(labels, logits):
+        return -tf.reduce_sum(_float32(labels) * tf.nn.log_softmax(logits),
+                              axis=-1)
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(
+        labels=class_ids(labels, logits), logits=logits)
 
 
 def kl_divergence(p_logits, q_logits):
@@ -47,7 +71,7 @@ def margin_loss(labels, logits):
     untargeted CW attack objective.
     """
     logits = _float32(logits)
-    labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
+    labels = class_ids(labels, logits)
     num_classes = tf.shape(logits)[-1]
     onehot = tf.one_hot(labels, num_classes, dtype=logits.dtype)
     true_logit = tf.reduce_sum(onehot * logits, axis=-1)
@@ -58,9 +82,11 @@ def margin_loss(labels, logits):
 
 
 def correct(labels, logits):
-    """Per-example 1.0/0.0: is the arg-max of ``logits`` the label?"""
-    labels = tf.cast(tf.reshape(labels, [-1]), tf.int64)
-    return tf.cast(tf.equal(tf.argmax(logits, axis=-1), labels), tf.float32)
+    """Per-example 1.0/0.0: is the arg-max of ``logits`` the label (the
+    arg-max of the targets when they are a distribution)?"""
+    labels = class_ids(labels, logits)
+    return tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32),
+                            labels), tf.float32)
 
 
 def replica_mean(per_example, sample_weight=None, num_replicas=None):

@@ -95,3 +95,19 @@ def normal(shape, seed, dtype=tf.float32):
     u2 = _unit(shape, fold_in(seed, 2), tf.float32)
     z = tf.sqrt(-2.0 * tf.math.log(u1)) * tf.cos(2.0 * math.pi * u2)
     return tf.cast(z, dtype)
+
+
+def uniform_rows(seeds, n):
+    """``U[0, 1)`` of shape ``[B, n]``, row ``i`` keyed on ``seeds[:, i]``.
+
+    ``seeds`` is int32 ``[2, B]`` (e.g. ``fold_in(seed, index)`` of a vector of
+    example indices). Row ``i`` equals ``uniform([n], seeds[:, i])``: the same
+    hash, evaluated for every row at once (no ``map_fn``), so per-example draws
+    inside a long ``tf.while_loop`` cost a few element-wise ops.
+    """
+    s = tf.bitcast(tf.cast(seeds, tf.int32), _U32)
+    counter = tf.cast(tf.range(n), _U32)[tf.newaxis, :]
+    h = fmix32(counter * _c(_GOLDEN) + fmix32(s[0])[:, tf.newaxis])
+    h = fmix32(tf.bitwise.bitwise_xor(h, fmix32(s[1] + _c(_SALT1))[:, tf.newaxis]))
+    top = tf.bitwise.right_shift(h, _c(8))
+    return (tf.cast(top, tf.float32) + 0.5) * (2.0**-24)

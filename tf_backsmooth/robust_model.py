@@ -27,12 +27,11 @@ import dataclasses
 import logging
 
 import keras
+import numpy as np
 import tensorflow as tf
 
-from tf_backsmooth import attacks
+from tf_backsmooth import attacks, objectives, schedules
 from tf_backsmooth import methods as methods_lib
-from tf_backsmooth import objectives
-from tf_backsmooth import schedules
 
 log = logging.getLogger("tf_backsmooth")
 
@@ -65,6 +64,53 @@ def resolve_xla(request):
 
 
 _BATCH_STAT_LAYERS = (keras.layers.BatchNormalization,)
+
+# Inputs this far outside [0, 1] are rejected (float rounding stays inside).
+_RANGE_TOLERANCE = 1e-3
+
+
+def _first_inputs(x):
+    """The inputs of the first batch of ``fit``/``evaluate`` data, read
+    without consuming it (``None`` for data that cannot be peeked, e.g. a
+    Python generator)."""
+    if isinstance(x, tf.data.Dataset):
+        for batch in x.take(1):
+            return (keras.utils.unpack_x_y_sample_weight(batch)[0]
+                    if isinstance(batch, tuple) else batch)
+        return None
+    if isinstance(x, keras.utils.PyDataset):
+        batch = x[0]
+        return (keras.utils.unpack_x_y_sample_weight(batch)[0]
+                if isinstance(batch, tuple) else batch)
+    if isinstance(x, (np.ndarray, tf.Tensor)) or hasattr(x, "__array__"):
+        return x
+    return None
+
+
+def check_input_range(x):
+    """Raises ValueError unless the first batch of ``x`` lies in ``[0, 1]``.
+
+    Epsilon and every attack step are in units of ``[0, 1]`` pixels and
+    adversarial examples are clipped to ``[0, 1]``, so unscaled images
+    (uint8 or float 0..255) or standardised inputs would train silently with
+    a meaningless epsilon. Checked on the host, outside the compiled step.
+    """
+    inputs = _first_inputs(x)
+    if inputs is None or isinstance(inputs, (dict, list, tuple)):
+        return
+    values = np.asarray(inputs)
+    if values.size == 0 or not np.issubdtype(values.dtype, np.number):
+        return
+    lo, hi = float(np.min(values)), float(np.max(values))
+    if lo >= -_RANGE_TOLERANCE and hi <= 1 + _RANGE_TOLERANCE:
+        return
+    raise ValueError(
+        f"RobustModel expects images scaled to [0, 1] (epsilon and the attack "
+        f"steps are in those units), but the first batch holds values in "
+        f"[{lo:g}, {hi:g}] (dtype {values.dtype}). Divide by 255 (e.g. "
+        "x / 255.0, or dataset.map(lambda x, y: (tf.cast(x, tf.float32) / "
+        "255.0, y))) and put any standardisation inside the model as its "
+        "first layer (keras.layers.Normalization)")
 
 
 class _ModelFn:
@@ -190,6 +236,12 @@ class RobustModel(keras.Model):
                 + "); use callbacks for more, not compile(metrics=...)")
         super().compile(optimizer=optimizer, jit_compile=False,
                         run_eagerly=run_eagerly, **kwargs)
+        if self.built and not self.optimizer.built:
+            # Now, not at the first step: `load_weights` before the first
+            # `fit` then restores the optimizer state (step count, moments)
+            # instead of skipping it with a warning.
+            with self.distribute_strategy.scope():
+                self.optimizer.build(self.trainable_variables)
         self._xla_request = jit_compile
         if run_eagerly:
             self.xla, self.xla_reason = False, "run_eagerly"
@@ -204,6 +256,17 @@ class RobustModel(keras.Model):
         self._step_fn = None
         log.info("RobustModel(%s): XLA for the per-replica step: %s (%s)",
                  self.method_name, "on" if self.xla else "off", self.xla_reason)
+
+    def fit(self, x=None, y=None, *args, **kwargs):
+        """As ``keras.Model.fit``; the first batch must lie in ``[0, 1]``
+        (:func:`check_input_range`). Labels may be class ids or one-hot /
+        label-smoothed targets."""
+        check_input_range(x)
+        return super().fit(x, y, *args, **kwargs)
+
+    def evaluate(self, x=None, y=None, *args, **kwargs):
+        check_input_range(x)
+        return super().evaluate(x, y, *args, **kwargs)
 
     @property
     def metrics(self):
@@ -318,12 +381,25 @@ class RobustModel(keras.Model):
             epsilon = self.epsilon_at(self.optimizer.iterations)
         grads, stats = self._get_step_fn()(x, y, sample_weight, seed, epsilon)
         self.optimizer.apply(grads, self.trainable_variables)
-        for key, values in stats.items():
-            self._trackers[key].update_state(values)
+        self._update_trackers(stats, sample_weight)
         logs = {n: self._trackers[n].result() for n in self._logged}
         if epsilon is not None:
             logs["epsilon"] = epsilon  # this step's value, not an average
         return self._step_logs(logs)
+
+    def _update_trackers(self, stats, sample_weight):
+        """Per-example values into the Mean trackers. With sample weights,
+        losses are logged as Keras does (``sum(w * loss) / n``, the value
+        optimised) and accuracies are weighted means."""
+        w = (None if sample_weight is None
+             else tf.reshape(tf.cast(sample_weight, tf.float32), [-1]))
+        for key, values in stats.items():
+            if w is None:
+                self._trackers[key].update_state(values)
+            elif key.endswith("loss"):
+                self._trackers[key].update_state(values * w)
+            else:
+                self._trackers[key].update_state(values, w)
 
     def _step_logs(self, logs):
         """Keras 3.15 reduces multi-worker step logs with ``MEAN`` over axis
@@ -340,9 +416,9 @@ class RobustModel(keras.Model):
         data is the evaluation callback's job)."""
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         logits = self.base_model(x, training=False)
-        self._trackers["loss"].update_state(
-            objectives.cross_entropy(y, logits), sample_weight)
-        accuracy = self._trackers["clean_accuracy"]
-        accuracy.update_state(objectives.correct(y, logits), sample_weight)
+        self._update_trackers({"loss": objectives.cross_entropy(y, logits),
+                               "clean_accuracy": objectives.correct(y, logits)},
+                              sample_weight)
         return self._step_logs({"loss": self._trackers["loss"].result(),
-                                "clean_accuracy": accuracy.result()})
+                                "clean_accuracy":
+                                    self._trackers["clean_accuracy"].result()})

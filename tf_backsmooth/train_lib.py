@@ -30,6 +30,7 @@ import time
 import numpy as np
 
 from tf_backsmooth import config as config_lib
+from tf_backsmooth import fileio
 
 log = logging.getLogger("tf_backsmooth")
 
@@ -52,21 +53,55 @@ def _config_payload(config):
     return payload
 
 
+def _check_is_dir(model_dir):
+    if os.path.exists(model_dir) and not os.path.isdir(model_dir):
+        raise RunError(f"model_dir {model_dir!r} exists and is not a directory")
+
+
+def claim_model_dir(model_dir):
+    """Creates ``model_dir``, proves it writable (a probe file is created,
+    written, fsynced and deleted) and locks it against a second run; returns
+    the held :class:`fileio.RunLock`. Raises RunError (one line) otherwise."""
+    _check_is_dir(model_dir)
+    try:
+        os.makedirs(model_dir, exist_ok=True)
+        fileio.check_writable(model_dir)
+    except OSError as err:
+        raise RunError(f"model_dir {model_dir!r} is not a writable directory: "
+                       f"{fileio.describe(err)}") from None
+    lock = fileio.RunLock(model_dir)
+    try:
+        previous = lock.acquire()
+    except fileio.LockedError as err:
+        raise RunError(
+            f"model_dir {model_dir!r} is in use by another run ({err}); wait "
+            "for it to finish or stop it, or choose another --model_dir"
+        ) from None
+    if previous:
+        log.info("model_dir lock taken over (last held by %s)", previous)
+    fileio.remove_stale_temporaries(model_dir)
+    return lock
+
+
 def prepare_model_dir(config, is_chief=True):
     """Checks (and creates) the run directory; returns whether it resumes."""
     model_dir = config.model_dir
     results = os.path.join(model_dir, RESULTS)
     config_path = os.path.join(model_dir, CONFIG)
-    if os.path.exists(model_dir) and not os.path.isdir(model_dir):
-        raise RunError(f"model_dir {model_dir!r} exists and is not a directory")
+    _check_is_dir(model_dir)
     if os.path.exists(results):
         if not config.overwrite:
             raise RunError(
                 f"model_dir {model_dir!r} already holds a finished run "
                 f"({RESULTS}); pass --overwrite to replace it or choose "
                 "another --model_dir")
-        if is_chief:
-            shutil.rmtree(model_dir)
+        if is_chief:  # everything but the lock this process holds
+            for name in os.listdir(model_dir):
+                path = os.path.join(model_dir, name)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                elif name != fileio.LOCK:
+                    os.remove(path)
     elif os.path.exists(config_path):
         with open(config_path) as f:
             previous = json.load(f)
@@ -84,40 +119,26 @@ def prepare_model_dir(config, is_chief=True):
     return resuming
 
 
-def _write_json(path, payload):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, path)
-
-
-def _initial_epoch(model_dir):
-    """The epoch BackupAndRestore will resume from (0 for a new run)."""
-    for name in ("training_metadata.json", "training_metadata.json.bkp"):
-        path = os.path.join(model_dir, BACKUP, name)
-        if os.path.exists(path):
-            try:
-                with open(path) as f:
-                    return int(json.load(f)["epoch"])
-            except (ValueError, KeyError):
-                continue
-    return 0
-
-
 def _total_epoch_seconds(model_dir):
     """Training time summed over epochs of all processes of this run."""
     path = os.path.join(model_dir, "metrics.jsonl")
     if not os.path.exists(path):
         return None
-    by_epoch = {}
-    with open(path) as f:
-        for line in f:
-            record = json.loads(line)
-            by_epoch[record["epoch"]] = record.get("epoch_seconds", 0.0)
+    by_epoch = {r["epoch"]: r.get("epoch_seconds", 0.0)
+                for r in fileio.read_jsonl(path)}
     return float(sum(by_epoch.values()))
 
 
 # -------------------------------------------------------------------- data
+def steps_per_epoch(num_examples, batch_size):
+    """Full batches per epoch (incomplete final batches are dropped)."""
+    steps = num_examples // batch_size
+    if steps == 0:
+        raise RunError(f"batch_size={batch_size} is larger than the "
+                       f"{num_examples} training examples")
+    return steps
+
+
 def train_dataset(x, y, info, batch_size, seed, first_epoch, epochs, augment):
     """Training batches for epochs ``first_epoch .. epochs-1``.
 
@@ -132,10 +153,7 @@ def train_dataset(x, y, info, batch_size, seed, first_epoch, epochs, augment):
     from tf_backsmooth import rng
 
     n = len(y)
-    steps = n // batch_size
-    if steps == 0:
-        raise RunError(f"batch_size={batch_size} is larger than the "
-                       f"{n} training examples")
+    steps = steps_per_epoch(n, batch_size)
     images = tf.constant(x)
     labels = tf.constant(y.astype(np.int32))
 
@@ -382,11 +400,7 @@ ROBUSTNESS_GAP = config_lib.FAILURE_GAP
 def robustness_gap_warning(model_dir, robust_accuracy):
     """A warning (or None) when the model beats its own training attack far
     more often than PGD: the run "trained" but is not robust."""
-    path = os.path.join(model_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    records = fileio.read_jsonl(os.path.join(model_dir, "metrics.jsonl"))
     train_adv = records[-1].get("adv_accuracy") if records else None
     if train_adv is None:
         return None  # natural training: no training attack
@@ -435,7 +449,7 @@ def _archive_attempt(model_dir, number, attempts):
         path = os.path.join(model_dir, name)
         if os.path.exists(path):
             os.replace(path, os.path.join(folder, name))
-    _write_json(os.path.join(model_dir, ATTEMPTS), attempts)
+    fileio.write_json(os.path.join(model_dir, ATTEMPTS), attempts)
 
 
 def _find(callbacks, cls):
@@ -498,26 +512,31 @@ def run(config, strategy=None, is_chief=True, flags_text=None):
 
     ``flags_text`` (the command's flagfile) is saved as ``flags.txt``. The
     global Keras dtype policy is set for the run and restored afterwards.
+    The chief holds the run directory's lock (``run.lock``) throughout.
+    ``OSError`` from writing the run's files propagates (``bin/train`` turns
+    it into one line); every file written before stays usable for a resume.
     """
     import keras
 
     previous_policy = keras.config.dtype_policy()
+    lock = claim_model_dir(config.model_dir) if is_chief else None
     try:
         return _run(config, strategy, is_chief, flags_text)
     finally:
         keras.config.set_dtype_policy(previous_policy)
+        if lock is not None:
+            lock.release()
 
 
 def _run(config, strategy, is_chief, flags_text):
     import keras
-    import tensorflow as tf
 
-    from tf_backsmooth import distribute
-    from tf_backsmooth import evaluation
+    from tf_backsmooth import distribute, evaluation
 
     started = time.time()
     prepare_model_dir(config, is_chief)
     info, train, val, test = load_data(config)  # fails fast on bad data
+    steps = steps_per_epoch(len(train[1]), config.batch_size)
     if strategy is None:
         strategy = distribute.get_strategy(config.strategy,
                                            config.num_cpu_devices)
@@ -533,10 +552,6 @@ def _run(config, strategy, is_chief, flags_text):
         # Attempt k > 0 (after k failed ones) trains with its own seed.
         config = dataclasses.replace(
             base_config, seed=attempt_seed(base_config.seed, len(attempts)))
-        first_epoch = _initial_epoch(config.model_dir)
-        train_ds, steps = train_dataset(train[0], train[1], info,
-                                        config.batch_size, config.seed,
-                                        first_epoch, config.epochs, info.augment)
         with strategy.scope():
             model = build_model(config, info, steps)
             model.compile(optimizer=make_optimizer(config, steps),
@@ -544,29 +559,40 @@ def _run(config, strategy, is_chief, flags_text):
             model.build((None,) + tuple(info.input_shape))
         if is_chief:
             if flags_text is not None:
-                with open(os.path.join(config.model_dir, "flags.txt"), "w") as f:
-                    f.write(flags_text)
-            _write_json(os.path.join(config.model_dir, CONFIG),
-                        _config_payload(base_config))
-            _write_json(os.path.join(config.model_dir, MANIFEST),
-                        manifest(config, model, config.strategy, num_replicas))
+                fileio.write_text(os.path.join(config.model_dir, "flags.txt"),
+                                  flags_text)
+            fileio.write_json(os.path.join(config.model_dir, CONFIG),
+                              _config_payload(base_config))
+            fileio.write_json(os.path.join(config.model_dir, MANIFEST),
+                              manifest(config, model, config.strategy,
+                                       num_replicas))
+        callbacks, nan_guard = make_callbacks(config, model, val,
+                                              config.batch_size, is_chief,
+                                              train=train)
+        backup = _find(callbacks, cb.Backup)
+        try:
+            first_epoch = backup.restore(model)  # verified, with fallback
+        except cb.CheckpointError as err:
+            raise RunError(str(err)) from None
+        _find(callbacks, cb.RunLog).resume(first_epoch)
+        train_ds, _ = train_dataset(train[0], train[1], info,
+                                    config.batch_size, config.seed,
+                                    first_epoch, config.epochs, info.augment)
         log.info("training %s/%s on %s: %d steps/epoch, %d replica(s), XLA %s "
                  "(%s), starting at epoch %d%s", config.method, config.model,
                  config.dataset, steps, num_replicas,
                  "on" if model.xla else "off", model.xla_reason, first_epoch,
                  f" (attempt {len(attempts) + 1}, seed {config.seed})"
                  if attempts else "")
-        callbacks, nan_guard = make_callbacks(config, model, val,
-                                              config.batch_size, is_chief,
-                                              train=train)
         detector = _find(callbacks, cb.FailureDetector)
         if detector is not None:
             detector.stop_on_failure = len(attempts) < config.failure_restarts
         train_start = time.time()
-        if first_epoch < config.epochs:
-            model.fit(train_ds, epochs=config.epochs, steps_per_epoch=steps,
-                      initial_epoch=first_epoch, callbacks=callbacks,
-                      shuffle=False, verbose=config.verbose if is_chief else 0)
+        # With every epoch done (killed after training) fit runs no epoch but
+        # still lets the callbacks read their state back.
+        model.fit(train_ds, epochs=config.epochs, steps_per_epoch=steps,
+                  initial_epoch=first_epoch, callbacks=callbacks,
+                  shuffle=False, verbose=config.verbose if is_chief else 0)
         train_seconds = _total_epoch_seconds(config.model_dir)
         if train_seconds is None:
             train_seconds = time.time() - train_start
@@ -590,26 +616,37 @@ def _run(config, strategy, is_chief, flags_text):
 
     selected = "last"
     best = _find(callbacks, cb.BestCheckpoint)
+    warnings = []
     if nan_guard.hit:
-        backup = os.path.join(config.model_dir, BACKUP, "latest.weights.h5")
+        nan_step = int(model.optimizer.iterations.numpy())
         if best is not None and best.restore_best(model.base_model):
-            selected = "best (after NaN)"
-        elif os.path.exists(backup):
-            model.load_weights(backup)
-            selected = "last good epoch (after NaN)"
+            selected = f"best (epoch {best.best_epoch}, after NaN)"
         else:
-            raise RunError("the loss became NaN in the first epoch; nothing "
-                           "to keep. Lower --lr or check the data.")
+            good_epoch = backup.restore(model)
+            if good_epoch == 0:
+                raise RunError(
+                    f"the loss became NaN/inf at step {nan_step}, before any "
+                    "epoch completed: nothing to keep, nothing exported. Lower "
+                    "--lr (or check the data) and start again in another "
+                    "--model_dir (or delete this one)")
+            selected = f"last good epoch {good_epoch} (after NaN)"
+        warnings.append(
+            f"the loss became NaN/inf at step {nan_step}: training stopped; "
+            f"the evaluated and exported weights are the {selected} ones")
+        log.warning("NaN: %s", warnings[-1])
     elif best is not None and best.restore_best(model.base_model):
         selected = f"best (epoch {best.best_epoch}, {best.monitor}=" \
                    f"{best.best:.4f})"
 
     classifier = export_classifier(config, info, model.base_model)
     x_test = _to_float(test[0])
+    log.info("final test evaluation: clean and PGD-%d on %d test images",
+             config.test_pgd_steps, len(test[1]))
     report = evaluation.evaluate(classifier, x_test, test[1],
                                  [config.epsilon], attacks=("pgd",),
                                  pgd_steps=config.test_pgd_steps,
-                                 seed=config.seed)
+                                 seed=config.seed,
+                                 progress=is_chief and config.verbose > 0)
     results = {
         "clean_accuracy": float(report["clean_accuracy"]),
         "robust_accuracy": float(report["robust_accuracy"]),
@@ -630,7 +667,7 @@ def _run(config, strategy, is_chief, flags_text):
         "xla": model.xla,
         "weights_sha256": weights_fingerprint(classifier),
         "co_guard": _co_guard_summary(callbacks),
-        "warnings": report.get("warnings", []),
+        "warnings": warnings + report.get("warnings", []),
     }
     gap_warning = robustness_gap_warning(config.model_dir, results["robust_accuracy"])
     if gap_warning is not None:
@@ -643,7 +680,12 @@ def _run(config, strategy, is_chief, flags_text):
             with open(path) as f:
                 payload = json.load(f)
             payload["co_guard"] = results["co_guard"]
-            _write_json(path, payload)
-        classifier.save(os.path.join(config.model_dir, "model.keras"))
-        _write_json(os.path.join(config.model_dir, RESULTS), results)
+            fileio.write_json(path, payload)
+        fileio.save_model(classifier, os.path.join(config.model_dir, "model.keras"))
+        fileio.write_json(os.path.join(config.model_dir, RESULTS), results)
+        # Only now is the run finished: until here a kill resumes from the
+        # backup into the final evaluation. After a NaN it is kept.
+        if not nan_guard.hit:
+            shutil.rmtree(os.path.join(config.model_dir, BACKUP),
+                          ignore_errors=True)
     return results

@@ -90,20 +90,23 @@ def torch_init(model) -> None:
     PyTorch's ``nn.Conv2d``/``nn.Linear`` draw the kernel from
     ``kaiming_uniform_(a=sqrt(5))``, i.e. ``U(-b, b)`` with
     ``b = 1 / sqrt(fan_in)``, and the bias from the same ``U(-b, b)``
-    (Keras: Glorot-uniform kernels, zero biases). Draws use Keras' global
-    seed (``keras.utils.set_random_seed``). BatchNorm is unchanged (both
-    frameworks start at scale 1, offset 0).
+    (Keras: Glorot-uniform kernels, zero biases). Every tensor gets its own
+    draw from one generator seeded from Keras' global seed
+    (``keras.utils.set_random_seed``): an unseeded Keras initializer reuses
+    its seed on every call, which would make each bias a copy of the first
+    entries of its kernel. BatchNorm is unchanged (both frameworks start at
+    scale 1, offset 0).
     """
+    seeds = keras.random.SeedGenerator(int(np.random.randint(0, 2**31 - 1)))
     for layer in model._flatten_layers():
         if not isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)):
             continue
         kernel = layer.kernel
         fan_in = int(np.prod(kernel.shape[:-1]))
         bound = 1.0 / np.sqrt(fan_in)
-        draw = keras.initializers.RandomUniform(-bound, bound)
-        kernel.assign(draw(kernel.shape))
-        if layer.bias is not None:
-            layer.bias.assign(draw(layer.bias.shape))
+        for var in (kernel, layer.bias):
+            if var is not None:
+                var.assign(keras.random.uniform(var.shape, -bound, bound, seed=seeds))
 
 
 def has_batchnorm(model) -> bool:
