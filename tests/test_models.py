@@ -206,3 +206,36 @@ def test_torch_init_draws_kernels_and_biases_like_pytorch():
         assert np.all(glorot.get_layer(layer.name).bias.numpy() == 0)
     with pytest.raises(ValueError, match="init"):
         models.get("mlp", 10, MNIST, init="he")
+
+
+def test_package_exposes_its_modules_lazily():
+    """`import tf_backsmooth as tbs; tbs.models.get(...)` etc. work without
+    importing the submodules first (issue 14)."""
+    from conftest import REPO
+
+    code = ("import tf_backsmooth as tbs, sys; "
+            "assert 'tf_backsmooth.models' not in sys.modules; "
+            "m = tbs.models.get('mlp', 10, (28, 28, 1)); "
+            "names = ['RobustModel', 'attacks', 'objectives', 'methods', 'models', 'data', "
+            "'evaluation', 'co_guard', 'callbacks', 'schedules']; "
+            "assert all(hasattr(tbs, n) and n in dir(tbs) for n in names); "
+            "assert tbs.evaluation.evaluate and tbs.data.load_arrays and tbs.callbacks.Backup; "
+            "print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, cwd=str(REPO))
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+    import tf_backsmooth
+    with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
+        tf_backsmooth.nonexistent  # noqa: B018
+
+
+def test_config_names_match_the_registries():
+    """config.py lists names without importing TensorFlow; these lists must stay
+    equal to the registries they copy (issue 14: nothing tied them before)."""
+    from tf_backsmooth import co_guard, config, data, methods
+
+    assert set(config.METHODS) == set(methods.names())
+    assert set(config.MODELS) == set(models.MODELS)
+    assert set(config.DATASETS) == set(data.DATASETS)
+    assert set(config.CO_RULES) == set(co_guard.RULES)
+    assert set(config.CO_POLICIES) == set(co_guard.POLICIES) - {"none"}  # "none" = --co_guard=false

@@ -34,6 +34,12 @@ _LAZY = {
     "attacks": ("tf_backsmooth.attacks", None),
     "objectives": ("tf_backsmooth.objectives", None),
     "methods": ("tf_backsmooth.methods", None),
+    "models": ("tf_backsmooth.models", None),
+    "data": ("tf_backsmooth.data", None),
+    "evaluation": ("tf_backsmooth.evaluation", None),
+    "co_guard": ("tf_backsmooth.co_guard", None),
+    "callbacks": ("tf_backsmooth.callbacks", None),
+    "schedules": ("tf_backsmooth.schedules", None),
 }
 
 
@@ -46,3 +52,7 @@ def __getattr__(name):
         module = importlib.import_module(module_name)
         return getattr(module, attr) if attr else module
     raise AttributeError(f"module 'tf_backsmooth' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))
