@@ -11,11 +11,19 @@ group are evaluated as the reproduction grid does (PGD-20 on the 10 000 test
 images, from the run's own final evaluation; PGD-100x2 and autoattack_lite on
 the first ``--strong_examples``); the ``wong`` group with Wong et al.'s attack
 (PGD-50, step 0.01, 10 restarts, first 1000 test images). Finished runs and
-evaluations are skipped, so it resumes after a stop. The tables are rebuilt
-from the run directories only (``--report_only``).
+evaluations are skipped, so it resumes after a stop.
+
+The tables are rebuilt (``--report_only``: without training) from the run
+directories where they exist and otherwise from ``bench/results_mnist_study.json``,
+the committed store of every run's numbers: ``runs/`` is not in the repository,
+so a run whose directory is gone keeps its row. Each report rewrites the store
+records of the runs it read from a directory. Variants with neither a run
+directory nor a stored record are left out.
 """
 
 import argparse
+import json
+import os
 import pathlib
 import statistics
 import sys
@@ -77,6 +85,15 @@ VARIANTS = {
 }
 EVALS = {"recipes": ("strong",), "wong": ("wong",)}
 REPORT_ONLY = {"wong_initbug"}  # rows kept from code that no longer exists
+STORE = "bench/results_mnist_study.json"  # per-run numbers, committed (runs/ is not)
+STORE_ABOUT = (
+    "Per-run numbers of docs/MNIST_STUDY.md, one record per run directory name "
+    "(mnist_<variant>_s<seed>), written by bench/mnist_study.py. Accuracies are fractions in "
+    "[0, 1] as bench/reproduce.py's read_run returns them, null where not measured; `command` "
+    "trains the run (`python bench/mnist_study.py --variants=<variant> --seeds=<seed>` trains "
+    "and evaluates it); `source` tells where the numbers were read: a run directory (full "
+    "precision, whole curves) or the tables of docs/MNIST_STUDY.md (rounded to 0.1 points and "
+    "1 s; val_curve then holds epoch 1 only and train_attack_curve the last epoch only).")
 FAIL = 0.5  # recipes: a run whose autoattack_lite accuracy is below this is counted as failed
 WONG_FAIL = 0.75  # wong: a seed below this fails issue 11's criterion
 
@@ -94,6 +111,8 @@ def main():
     reproduce.add_run_args(p, None, "docs/MNIST_STUDY.md")
     p.set_defaults(runs="runs/study")
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--store", default=STORE,
+                   help="JSON store of per-run numbers, the fallback for missing run directories")
     args = p.parse_args()
     variants = args.variants.split(",")
     unknown = [v for v in variants if v not in VARIANTS]
@@ -116,15 +135,66 @@ def main():
     write_report(args, runs)
 
 
+def train_command(v, seed, runs_rel="runs/study"):
+    """The ``bin/train`` command of one run, as ``reproduce.run_one`` issues it."""
+    _, flagfile, extra, _, _ = VARIANTS[v]
+    return " ".join(["bin/train", f"--flagfile={flagfile}", *extra, f"--seed={seed}",
+                     f"--model_dir={runs_rel}/mnist_{v}_s{seed}"])
+
+
+def store_record(v, seed, row, source, runs_rel="runs/study"):
+    """One store record: ``row`` (``reproduce.read_run``'s dict) plus where it came from."""
+    return {"variant": v, "seed": seed, "group": VARIANTS[v][0],
+            "command": train_command(v, seed, runs_rel), "source": source, **row}
+
+
+def load_store(path):
+    if not path.exists():
+        return {"about": STORE_ABOUT, "runs": {}}
+    return json.loads(path.read_text())
+
+
+def save_store(store, path):
+    """Writes the store (records in VARIANTS order, then by seed) atomically."""
+    order = {v: i for i, v in enumerate(VARIANTS)}
+    runs = sorted(store["runs"].items(),
+                  key=lambda kv: (order.get(kv[1]["variant"], len(order)), kv[1]["variant"],
+                                  kv[1]["seed"]))
+    text = json.dumps({"about": STORE_ABOUT, "runs": dict(runs)}, indent=1) + "\n"
+    if path.exists() and path.read_text() == text:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    print(f"wrote {path}")
+
+
+def collect(v, args, runs, store, from_dirs):
+    """[(seed, row)] of one variant: from the run directory when it holds a finished,
+    evaluated run (its store record is then replaced, its name added to ``from_dirs``),
+    else from the store."""
+    group = VARIANTS[v][0]
+    stored = {r["seed"]: r for r in store["runs"].values() if r["variant"] == v}
+    seeds = sorted(set(_seeds(v, None)) | set(_seeds(v, args.seeds)) | set(stored))
+    out = []
+    for s in seeds:
+        name = f"mnist_{v}_s{s}"
+        row = reproduce.read_run(runs / name, "mnist", EVALS[group])
+        if row is not None:
+            store["runs"][name] = store_record(v, s, row, f"run directory {args.runs}/{name}",
+                                               args.runs)
+            from_dirs.add(name)
+            out.append((s, store["runs"][name]))
+        elif s in stored:
+            out.append((s, stored[s]))
+    return out
+
+
 def write_report(args, runs):
-    command = "python bench/mnist_study.py " + " ".join(sys.argv[1:])
-    lines = ["# MNIST eps 0.3: recipes that train, per seed", "",
-             f"Produced by `{command.strip()}` (rows read back from `{args.runs}`; `--report_only` "
-             "rebuilds this file without training). Every number is one run; failures are rows "
-             "too. `train s`: seconds of training on this 2-core CPU (graph mode), including any "
-             "failed attempt that was restarted; runs shared the CPU with other jobs, so compare "
-             "times only within a recipe pair. `val PGD-10 e1`: validation robust accuracy after "
-             "epoch 1 (with a warm-up, still at a small epsilon).", ""]
+    study_command = "python bench/mnist_study.py " + " ".join(sys.argv[1:])
+    store_path = REPO / args.store
+    store = load_store(store_path)
+    from_dirs, body, reported = set(), [], []
     for group, title, header, row_fn, summary_fn in (
             ("recipes", "Recipes (`experiments/mnist_*.flags`)",
              "| variant | seed | clean % | PGD-20 % (10 000) | PGD-100x2 % | AA-lite % | N | "
@@ -136,24 +206,42 @@ def write_report(args, runs):
              "train-attack acc % | train s |",
              _wong_row, _wong_summary)):
         names = [v for v in VARIANTS if VARIANTS[v][0] == group]
-        rows = {v: [(s, r) for s in _seeds(v, args.seeds)
-                    if (r := reproduce.read_run(runs / f"mnist_{v}_s{s}", "mnist",
-                                                EVALS[group])) is not None]
-                for v in names}
+        rows = {v: collect(v, args, runs, store, from_dirs) for v in names}
         names = [v for v in names if rows[v]]
         if not names:
             continue
-        lines += [f"## {title}", ""]
+        body += [f"## {title}", ""]
         for v in names:
             _, flagfile, extra, _, what = VARIANTS[v]
             command = " ".join([f"bin/train --flagfile={flagfile}", *extra])
-            lines.append(f"* `{v}`: {what}: `{command}`")
-        lines += ["", "### Summary", ""] + summary_fn(names, rows)
-        lines += ["", "### Per run", "", header,
-                  "|" + "---|" * (header.count("|") - 1)]
+            body.append(f"* `{v}`: {what}: `{command}`")
+        body += ["", "### Summary", ""] + summary_fn(names, rows)
+        body += ["", "### Per run", "", header, "|" + "---|" * (header.count("|") - 1)]
         for v in names:
-            lines += [row_fn(v, s, r) for s, r in rows[v]]
-        lines.append("")
+            body += [row_fn(v, s, r) for s, r in rows[v]]
+            reported += [(f"mnist_{v}_s{s}", r) for s, r in rows[v]]
+        body.append("")
+    source = f"rows read back from `{args.runs}`"
+    stored = [r for k, r in reported if k not in from_dirs]
+    rounded = [r for r in stored if not r["source"].startswith("run directory")]
+    if stored:
+        source += (f", or from `{args.store}`, the committed copy of every run's numbers, for "
+                   f"the {len(stored)} of {len(reported)} runs whose directory is gone")
+    if rounded:
+        source += (f": {len(rounded)} of these were copied from this file's earlier tables, so "
+                   "they are rounded to 0.1 points and 1 s and a summary over them can differ "
+                   "in its last digit from the one computed at full precision")
+    lines = ["# MNIST eps 0.3: recipes that train, per seed", "",
+             f"Produced by `{study_command.strip()}` ({source}; `--report_only` "
+             "rebuilds this file without training). Every number is one run; failures are rows "
+             "too. `train s`: seconds of training on this 2-core CPU (graph mode), including any "
+             "failed attempt that was restarted; runs shared the CPU with other jobs, so compare "
+             "times only within a recipe pair. `val PGD-10 e1`: validation robust accuracy after "
+             "epoch 1 (with a warm-up, still at a small epsilon).", "", *body]
+    orphans = sorted(k for k, r in store["runs"].items() if r["variant"] not in VARIANTS)
+    if orphans:
+        print(f"in {args.store} but not reported (variant not in VARIANTS): {', '.join(orphans)}")
+    save_store(store, store_path)
     out = REPO / args.output
     existing = out.read_text() if out.exists() else ""
     marker = "<!-- analysis -->"

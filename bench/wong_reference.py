@@ -131,6 +131,16 @@ def port(pth, keras_path):
     return gap
 
 
+def evaluate(run_dir, mnist_dir, report):
+    """Their attack through ``bin/evaluate``: PGD-50, step 0.01, 10 restarts,
+    the first 1000 test images; the JSON report goes to ``report``."""
+    subprocess.run([sys.executable, "bin/evaluate", f"--model_path={run_dir}", "--dataset=mnist",
+                    f"--data_dir={mnist_dir}", "--epsilon=0.3", "--attacks=pgd",
+                    "--pgd_steps=50", "--step_size=0.01", "--restarts=10",
+                    "--num_examples=1000", "--progress=false", f"--output={report}"],
+                   cwd=REPO, check=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--snapshot", required=True, help="git dir of a locuslab/fast_adversarial snapshot")
@@ -158,11 +168,7 @@ def main():
         entry = {"pth": str(pth), "logit_gap": gap}
         report = run / "eval_wong.json"
         if args.evaluate and not report.exists():
-            subprocess.run([sys.executable, "bin/evaluate", f"--model_path={run}", "--dataset=mnist",
-                            f"--data_dir={mnist_dir}", "--epsilon=0.3", "--attacks=pgd",
-                            "--pgd_steps=50", "--step_size=0.01", "--restarts=10",
-                            "--num_examples=1000", "--progress=false", f"--output={report}"],
-                           cwd=REPO, check=True)
+            evaluate(run, mnist_dir, report)
         if report.exists():
             r = json.loads(report.read_text())
             entry.update(clean=r["clean_accuracy"], pgd50x10=r["robust_accuracy"])

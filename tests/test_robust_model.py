@@ -117,6 +117,50 @@ def test_resolve_xla():
         resolve_xla("yes")
 
 
+@pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")), reason="CPU rule")
+def test_auto_xla_rule_on_cpu():
+    """"auto" on a CPU: XLA only for BatchNorm models with an unrolled attack
+    (BUILD_NOTES.md, "Backward Smoothing step: profile and speed")."""
+    assert resolve_xla("auto", batch_norm=True, attack_steps=1)[0] is True
+    assert resolve_xla("auto", batch_norm=True, attack_steps=attacks.UNROLL_MAX_STEPS)[0]
+    for kw in ({"batch_norm": False, "attack_steps": 1},
+               {"batch_norm": True, "attack_steps": 0},
+               {"batch_norm": True, "attack_steps": attacks.UNROLL_MAX_STEPS + 1}):
+        used, why = resolve_xla("auto", **kw)
+        assert used is False and why.startswith("auto: CPU"), (kw, why)
+    bn = RobustModel(_cnn(batchnorm=True), method="backward_smoothing", epsilon=0.1)
+    bn.compile(optimizer="sgd")
+    assert bn.xla and "BatchNorm" in bn.xla_reason
+    plain = RobustModel(_cnn(), method="backward_smoothing", epsilon=0.1)
+    plain.compile(optimizer="sgd")
+    assert not plain.xla and "no BatchNorm" in plain.xla_reason
+    # The rule is re-applied when the step is rebuilt after an attack change.
+    x, y = _data(8)
+    bn.set_params(steps=10)
+    bn.fit(x, y, batch_size=8, verbose=0)
+    assert not bn.xla and "10-step" in bn.xla_reason
+
+
+def test_short_attack_loops_are_unrolled(monkeypatch):
+    """Up to UNROLL_MAX_STEPS steps build no while loop; same result as the loop."""
+    model = _cnn()
+    x = tf.constant(_data(4)[0])
+    loss = attacks.surrogate("ce", tf.constant([0, 1, 2, 0]))
+    fn = lambda t: model(t, training=False)  # noqa: E731
+
+    def ops(steps):
+        graph = tf.function(lambda x: attacks.iterate(fn, x, x, loss, 0.1, 0.03, steps))
+        return {op.type for op in graph.get_concrete_function(x).graph.get_operations()}
+
+    assert "While" not in ops(1) and "StatelessWhile" not in ops(1)
+    assert ops(attacks.UNROLL_MAX_STEPS + 1) & {"While", "StatelessWhile"}
+    steps = attacks.UNROLL_MAX_STEPS
+    unrolled = tf.function(lambda x: attacks.iterate(fn, x, x, loss, 0.1, 0.03, steps))(x)
+    monkeypatch.setattr(attacks, "UNROLL_MAX_STEPS", 0)
+    looped = tf.function(lambda x: attacks.iterate(fn, x, x, loss, 0.1, 0.03, steps))(x)
+    np.testing.assert_array_equal(unrolled.numpy(), looped.numpy())
+
+
 def test_logs_terms_and_accuracies():
     x, y = _data()
     model = RobustModel(_cnn(), method="trades", epsilon=0.1, steps=2)

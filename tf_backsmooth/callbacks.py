@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import math
 import os
@@ -109,8 +108,7 @@ class BestCheckpoint(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         self._sha256 = None
         if os.path.exists(self.info_path) and os.path.exists(self.weights_path):
-            with open(self.info_path) as f:
-                info = json.load(f)
+            info = fileio.read_json(self.info_path)
             self.best, self.best_epoch = info["value"], info["epoch"]
             self._sha256 = info.get("sha256")
 
@@ -330,8 +328,7 @@ class Backup(keras.callbacks.Callback):
             return []
         entries = []
         try:
-            with open(self._metadata_path()) as f:
-                entries = list(json.load(f)["checkpoints"])
+            entries = list(fileio.read_json(self._metadata_path())["checkpoints"])
         except (OSError, ValueError, KeyError, TypeError) as err:
             if os.path.exists(self._metadata_path()):
                 log.warning("backup: %s is unreadable (%s); checking the "

@@ -58,12 +58,12 @@ On a collapse
    ``<model_dir>/co_guard/last_good.weights.h5`` (``model.load_weights``
    reads it back, optimizer included).
 2. The mitigation policy runs: ``"shrink_step"`` multiplies the method's step
-   size by ``factor``; ``"switch_method"`` switches to ``fallback`` (default
-   ``backward_smoothing``) with ``methods.resolve_params(fallback,
-   epsilon=<same>, gamma, beta)``; ``"none"`` only rolls back. The model's
-   step function is then retraced (``model._step_fn = None`` and
-   ``model.make_train_function(force=True)``: RobustModel reads ``params``
-   and ``method`` only when its step is traced).
+   size by ``factor`` (``model.set_params(step_size=...)``);
+   ``"switch_method"`` switches to ``fallback`` (default
+   ``backward_smoothing``) at the same epsilon, gamma and beta
+   (``model.switch_method(fallback, **fallback_kwargs)``); ``"none"`` only
+   rolls back. Both RobustModel methods retrace the compiled step (it reads
+   ``params`` and ``method`` only when it is traced).
 3. At the ``max_collapses``-th collapse it rolls back, applies no policy and
    sets ``model.stop_training = True``: training ends with the last good
    weights in the model.
@@ -87,9 +87,10 @@ clean, PGD end point, FGSM end point). Relative to training with batch size
 
     overhead = n * (k + 1 + 2a) / (every_steps * B * g)
 
-The defaults (n=256, k=10, every_steps=100, a=0) at B=128 with FGSM-RS give
-2816 / 25600 = 11% (4.7 measurements in a 469-step MNIST epoch); n=128 and
-every_steps=200 give 2.75%. :attr:`COGuard.extra_grad_evals` counts what was
+The defaults (``config.CO_GUARD``, shared with ``bin/train``: n=128 examples,
+k=10, every_steps=200, a=0) at B=128 with FGSM-RS give 1408 / 51200 = 2.75%;
+n=256 every 100 steps costs 11% (4.7 measurements in a 469-step MNIST epoch).
+:attr:`COGuard.extra_grad_evals` counts what was
 actually spent (including the baseline measurement at the start of ``fit``).
 
 Not handled: ``steps_per_execution > 1`` (``every_steps`` counts calls of
@@ -100,7 +101,6 @@ model weight); the caller's bookkeeping of gradient evaluations per step
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -110,14 +110,26 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_backsmooth import attacks, fileio, objectives
+from tf_backsmooth import attacks, fileio, objectives, rng
 from tf_backsmooth import methods as methods_lib
-from tf_backsmooth.config import AttackParams, ConfigError, check_choice, check_int, check_real
+from tf_backsmooth.config import (
+    CO_GUARD,
+    CO_POLICIES,
+    CO_RULES,
+    AttackParams,
+    ConfigError,
+    check_choice,
+    check_epsilon,
+    check_int,
+    check_real,
+)
 
 log = logging.getLogger("tf_backsmooth")
 
-POLICIES = ("shrink_step", "switch_method", "none")
-RULES = ("drop_and_gap", "drop", "gap", "floor_and_gap")
+POLICIES = CO_POLICIES + ("none",)
+RULES = CO_RULES
+# The defaults (shared with TrainConfig's co_guard_* fields).
+_D = CO_GUARD
 SUBDIR = "co_guard"
 LAST_GOOD = "last_good.weights.h5"
 
@@ -155,53 +167,22 @@ def overhead(examples, pgd_steps, every_steps, batch_size, grad_evals_per_step,
 
 
 # ----------------------------------------------------------------------------
-# Helpers around RobustModel
+# Helpers around RobustModel (its public API; kept for existing callers)
 # ----------------------------------------------------------------------------
-def _logged_names(model, method):
-    """The training metrics RobustModel logs for ``method`` (its __init__ rule)."""
-    names = ["loss", "natural_loss", "robust_loss"]
-    if getattr(model, "log_clean_accuracy", True) or method.clean_in_objective:
-        names.append("clean_accuracy")
-    if method.attack is not None:
-        names.append("adv_accuracy")
-    return tuple(names)
-
-
 def retrace(model):
-    """Makes ``model``'s next training step re-read ``params``/``method``.
-
-    RobustModel caches its per-replica step (``_step_fn``, a tf.function that
-    reads ``self.params`` while tracing) and Keras caches the outer train
-    function that captured it: both are rebuilt. ``model.train_function`` is
-    replaced, never set to None: Keras' ``fit`` loop calls it directly.
-    """
-    model._step_fn = None
-    model.make_train_function(force=True)
+    """``model.retrace()``: the next step re-reads ``params``/``method``."""
+    model.retrace()
 
 
 def set_step_size(model, step_size):
-    params = dataclasses.replace(model.params, step_size=float(step_size))
-    model.params = params.validate()
-    retrace(model)
+    """``model.set_params(step_size=step_size)``."""
+    return model.set_params(step_size=float(step_size))
 
 
 def switch_method(model, name, **kwargs):
-    """Switches a RobustModel to method ``name`` at the same epsilon."""
-    old = model.params
-    method = methods_lib.get(name)
-    if method.attack is None:
-        params = methods_lib.resolve_params(name, gamma=old.gamma,
-                                            beta=old.beta, **kwargs)
-    else:
-        params = methods_lib.resolve_params(name, epsilon=old.epsilon,
-                                            gamma=old.gamma, beta=old.beta,
-                                            **kwargs)
-    model.method = method
-    model.method_name = name
-    model.params = params
-    if hasattr(model, "_logged"):
-        model._logged = _logged_names(model, method)
-    retrace(model)
+    """``model.switch_method(name, **kwargs)``: method ``name`` at the same
+    epsilon (see :meth:`RobustModel.switch_method`)."""
+    return model.switch_method(name, **kwargs)
 
 
 def _params_dict(params):
@@ -227,7 +208,7 @@ def make_measure_fn(base_model, epsilon, pgd_steps=10, pgd_step_size=None,
     epsilon = float(epsilon)
     step = (2.5 * epsilon / pgd_steps if pgd_step_size is None
             else float(pgd_step_size))
-    seed_t = tf.constant([int(seed), 0x5EED], tf.int32)
+    seed_t = tf.constant([int(seed), rng.CO_GUARD], tf.int32)
 
     def model_fn(t):
         return tf.cast(base_model(t, training=False), tf.float32)
@@ -235,7 +216,7 @@ def make_measure_fn(base_model, epsilon, pgd_steps=10, pgd_step_size=None,
     def fn(x, y):
         clean = objectives.correct(y, model_fn(x))
         x_pgd = attacks.pgd(model_fn, x, y, epsilon, step, pgd_steps,
-                            seed=attacks.fold_in(seed_t, 1))
+                            seed=rng.fold_in(seed_t, rng.CO_GUARD_PGD))
         pgd = objectives.correct(y, model_fn(x_pgd))
         x_fgsm = attacks.fgsm(model_fn, x, y, epsilon, epsilon)
         fgsm = objectives.correct(y, model_fn(x_fgsm))
@@ -245,16 +226,11 @@ def make_measure_fn(base_model, epsilon, pgd_steps=10, pgd_step_size=None,
         if alignment:
             ce = lambda logits: objectives.cross_entropy(y, logits)  # noqa: E731
             _, g1, _ = attacks.input_gradient(model_fn, x, ce)
-            eta = attacks.uniform_noise(tf.shape(x), epsilon,
-                                        attacks.fold_in(seed_t, 2), x.dtype)
+            eta = attacks.uniform_noise(
+                tf.shape(x), epsilon, rng.fold_in(seed_t, rng.CO_GUARD_ALIGNMENT), x.dtype)
             _, g2, _ = attacks.input_gradient(
                 model_fn, tf.clip_by_value(x + eta, 0.0, 1.0), ce)
-            n = tf.shape(x)[0]
-            f1 = tf.reshape(g1, [n, -1])
-            f2 = tf.reshape(g2, [n, -1])
-            n1, n2 = tf.norm(f1, axis=1), tf.norm(f2, axis=1)
-            nonzero = tf.cast((n1 > 0) & (n2 > 0), tf.float32)
-            cos = tf.reduce_sum(f1 * f2, axis=1) / tf.maximum(n1 * n2, 1e-20)
+            cos, nonzero = objectives.gradient_cosine(g1, g2)
             out["alignment"] = (tf.reduce_sum(cos * nonzero)
                                 / tf.maximum(tf.reduce_sum(nonzero), 1.0))
         return out
@@ -272,7 +248,9 @@ class COGuard(keras.callbacks.Callback):
       x, y: the fixed training batch the guard measures on (images in
         ``[0, 1]``, uint8 images are divided by 255; integer labels). Needed
         unless ``measure_fn`` is given.
-      every_steps: measure every this many training steps.
+      every_steps: measure every this many training steps. Defaults of
+        this and the other rule/policy arguments: ``config.CO_GUARD`` (the
+        table ``bin/train``'s ``--co_guard_*`` flags also default to).
       epsilon: attack budget of the measurement (default: the model's).
       pgd_steps, pgd_step_size: PGD of the measurement (step default
         ``2.5 * eps / pgd_steps``).
@@ -304,19 +282,18 @@ class COGuard(keras.callbacks.Callback):
     ``collapses``, ``extra_grad_evals``, ``last_good_step``.
     """
 
-    def __init__(self, x=None, y=None, *, every_steps=100, epsilon=None,
-                 pgd_steps=10, pgd_step_size=None, alignment=False, drop=0.2,
-                 gap=0.2, rule="drop_and_gap", window=5, healthy_drop=None,
-                 floor=0.05,
-                 policy="shrink_step", factor=0.5,
-                 fallback="backward_smoothing", fallback_kwargs=None,
-                 max_collapses=3, model_dir=None, log_dir=None, seed=0,
+    def __init__(self, x=None, y=None, *, every_steps=_D.every_steps,
+                 epsilon=None, pgd_steps=_D.pgd_steps, pgd_step_size=None,
+                 alignment=False, drop=_D.drop, gap=_D.gap, rule=_D.rule,
+                 window=_D.window, healthy_drop=None, floor=_D.floor,
+                 policy=_D.policy, factor=_D.factor, fallback=_D.fallback,
+                 fallback_kwargs=None, max_collapses=_D.max_collapses,
+                 model_dir=None, log_dir=None, seed=0,
                  measure_fn=None, measure_at_start=True,
                  restore_iterations=True, resume=True, is_chief=True):
         super().__init__()
         self.every_steps = check_int("every_steps", every_steps, low=1)
-        self.epsilon = check_real("epsilon", epsilon, low=0.0, low_open=True,
-                                  high=1.0, allow_none=True)
+        self.epsilon = check_epsilon(epsilon, allow_none=True)
         self.pgd_steps = check_int("pgd_steps", pgd_steps, low=1)
         self.pgd_step_size = check_real("pgd_step_size", pgd_step_size,
                                         low=0.0, low_open=True, high=1.0,
@@ -467,7 +444,7 @@ class COGuard(keras.callbacks.Callback):
         model = self.model
         if self.policy == "shrink_step":
             old = model.params.step_size
-            set_step_size(model, old * self.factor)
+            model.set_params(step_size=old * self.factor)
             return {"policy": "shrink_step", "old_step_size": old,
                     "new_step_size": model.params.step_size}
         if self.policy == "switch_method":
@@ -475,7 +452,7 @@ class COGuard(keras.callbacks.Callback):
             if old == self.fallback:
                 return {"policy": "switch_method", "method": old,
                         "note": "already on the fallback method; rollback only"}
-            switch_method(model, self.fallback, **self.fallback_kwargs)
+            model.switch_method(self.fallback, **self.fallback_kwargs)
             return {"policy": "switch_method", "old_method": old,
                     "new_method": self.fallback,
                     "new_params": _params_dict(model.params)}
@@ -620,23 +597,23 @@ class COGuard(keras.callbacks.Callback):
         self._resumed = True
 
     def _resume_from(self, path):
-        with open(path) as f:
-            state = json.load(f)
+        state = fileio.read_json(path)
         model = self.model
         self.collapses = int(state.get("collapses", 0))
         self.extra_grad_evals = int(state.get("extra_grad_evals", 0))
         changed = {}
         name = state.get("method")
         if name and hasattr(model, "method_name") and name != model.method_name:
-            switch_method(model, name)
+            model.switch_method(name)
             changed["method"] = name
         p = state.get("params")
         if p and hasattr(model, "params"):
             params = AttackParams(p["epsilon"], p["step_size"], p["steps"],
                                   p["gamma"], p["beta"], p["extra"]).validate()
             if params != model.params:
-                model.params = params
-                retrace(model)
+                model.set_params(epsilon=p["epsilon"], step_size=p["step_size"],
+                                 steps=p["steps"], gamma=p["gamma"],
+                                 beta=p["beta"], **p["extra"])
                 changed["params"] = p
         self.events.append({"event": "resume", "time": time.time(),
                             "collapses": self.collapses, **changed})

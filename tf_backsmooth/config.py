@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+from pathlib import Path
 from typing import Any, Mapping
 
 
@@ -94,6 +95,14 @@ FAILURE_GAP = 0.2
 MAX_EPSILON = 1.0
 
 
+def check_epsilon(value, name="epsilon", *, allow_zero=False, allow_none=False):
+    """The range check of every attack budget: ``float(value)`` in
+    ``(0, MAX_EPSILON]`` (``[0, MAX_EPSILON]`` with ``allow_zero``), pixel
+    units. Raises ConfigError naming ``name``."""
+    return check_real(name, value, low=0.0, low_open=not allow_zero,
+                      high=MAX_EPSILON, allow_none=allow_none)
+
+
 @dataclasses.dataclass(frozen=True)
 class AttackParams:
     """Validated hyper-parameters handed to a method's attack and objective.
@@ -114,7 +123,7 @@ class AttackParams:
         return self.extra.get(key, default)
 
     def validate(self):
-        check_real("epsilon", self.epsilon, low=0.0, high=MAX_EPSILON)
+        check_epsilon(self.epsilon, allow_zero=True)
         check_real("step_size", self.step_size, low=0.0, high=MAX_EPSILON)
         check_int("steps", self.steps, low=0, high=100_000)
         check_real("gamma", self.gamma, low=0.0, high=1e6)
@@ -141,6 +150,7 @@ def as_dict(record) -> dict:
 # A training run
 # ----------------------------------------------------------------------------
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn_cropped")
+SPLITS = ("train", "validation", "test")
 MODELS = ("small_cnn", "mnist_cnn", "mlp", "preact_resnet18", "resnet18",
           "wide_resnet")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -152,6 +162,34 @@ CO_RULES = ("drop_and_gap", "drop", "gap", "floor_and_gap")
 CO_POLICIES = ("shrink_step", "switch_method")
 METHODS = ("natural", "pgd_at", "trades", "fgsm_rs", "fast_trades", "gradalign",
            "n_fgsm", "backward_smoothing")
+
+
+@dataclasses.dataclass(frozen=True)
+class COGuardDefaults:
+    """The defaults of the catastrophic-overfitting guard: the one table read
+    by ``co_guard.COGuard``'s constructor and by the ``co_guard_*`` fields of
+    :class:`TrainConfig` (hence ``bin/train``'s flags). 128 examples every 200
+    steps with PGD-10 cost 2.75 % extra gradient evaluations for FGSM-RS at
+    batch 128 (docs/CO_GUARD.md)."""
+
+    # The measurement: PGD-k and FGSM accuracy on a fixed training subset.
+    every_steps: int = 200
+    examples: int = 128
+    pgd_steps: int = 10
+    # The collapse rule (co_guard.collapse_detected) over the last `window`.
+    rule: str = "drop_and_gap"
+    drop: float = 0.2
+    gap: float = 0.2
+    floor: float = 0.05
+    window: int = 5
+    # What a collapse does after the rollback.
+    policy: str = "shrink_step"
+    factor: float = 0.5
+    fallback: str = "backward_smoothing"
+    max_collapses: int = 3
+
+
+CO_GUARD = COGuardDefaults()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,17 +240,17 @@ class TrainConfig:
     overwrite: bool = False
     # Catastrophic-overfitting guard (tf_backsmooth.co_guard).
     co_guard: bool = False
-    co_guard_every: int = 200
-    co_guard_examples: int = 128
-    co_guard_pgd_steps: int = 10
-    co_guard_rule: str = "drop_and_gap"
-    co_guard_drop: float = 0.2
-    co_guard_gap: float = 0.2
-    co_guard_floor: float = 0.05
-    co_guard_policy: str = "shrink_step"
-    co_guard_factor: float = 0.5
-    co_guard_fallback: str = "backward_smoothing"
-    co_guard_max_collapses: int = 3
+    co_guard_every: int = CO_GUARD.every_steps
+    co_guard_examples: int = CO_GUARD.examples
+    co_guard_pgd_steps: int = CO_GUARD.pgd_steps
+    co_guard_rule: str = CO_GUARD.rule
+    co_guard_drop: float = CO_GUARD.drop
+    co_guard_gap: float = CO_GUARD.gap
+    co_guard_floor: float = CO_GUARD.floor
+    co_guard_policy: str = CO_GUARD.policy
+    co_guard_factor: float = CO_GUARD.factor
+    co_guard_fallback: str = CO_GUARD.fallback
+    co_guard_max_collapses: int = CO_GUARD.max_collapses
     # Restart with another seed when validation shows a failed run.
     failure_restarts: int = 0
     failure_gap: float = FAILURE_GAP
@@ -257,8 +295,7 @@ class TrainConfig:
                 raise ConfigError("method 'natural' runs no attack; do not set "
                                   "step_size or steps")
         else:
-            check_real("epsilon", self.epsilon, low=0.0, low_open=True,
-                       high=MAX_EPSILON)
+            check_epsilon(self.epsilon)
         check_real("step_size", self.step_size, low=0.0, low_open=True,
                    high=MAX_EPSILON, allow_none=True)
         check_int("steps", self.steps, low=1, high=100_000, allow_none=True)
@@ -288,6 +325,128 @@ class TrainConfig:
             raise ConfigError("num_cpu_devices only applies to "
                               "--strategy=mirrored")
 
-    def attack_epsilon(self):
-        """The budget used for robust evaluation (also for `natural` runs)."""
-        return self.epsilon
+
+# ----------------------------------------------------------------------------
+# An evaluation run (bin/evaluate)
+# ----------------------------------------------------------------------------
+def parse_epsilons(value):
+    """``"0.1,8/255"`` (or a number, or a sequence of numbers) -> a tuple of
+    distinct budgets, each checked by :func:`check_epsilon`."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise ConfigError("epsilon is required (e.g. --epsilon=0.3 or 0.1,0.2,0.3)")
+    if isinstance(value, str):
+        items = [item.strip() for item in value.split(",")]
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        items = [value]
+    values = []
+    for item in items:
+        try:
+            if isinstance(item, str) and "/" in item:
+                num, den = item.split("/")
+                number = float(num) / float(den)
+            else:
+                number = float(item)
+        except (TypeError, ValueError, ZeroDivisionError):
+            raise ConfigError(f"epsilon: {item!r} is not a number or fraction "
+                              f"(got --epsilon={value})") from None
+        try:
+            check_epsilon(number)
+        except ConfigError:
+            raise ConfigError(f"epsilon: {item!r} must be in (0, {MAX_EPSILON:g}] "
+                              "(pixel units)") from None
+        if number in values:
+            raise ConfigError(f"epsilon: {item!r} is listed twice")
+        values.append(number)
+    return tuple(values)
+
+
+def _check_model_path(value):
+    if not value:
+        raise ConfigError("model_path is required (a .keras file or a run directory)")
+    path = Path(value)
+    if path.is_dir():
+        if not (path / "model.keras").is_file():
+            raise ConfigError(f"model_path={value}: the directory has no model.keras")
+    elif not path.exists():
+        raise ConfigError(f"model_path={value}: no such file or directory")
+    elif path.suffix != ".keras":
+        raise ConfigError(f"model_path={value}: not a .keras file or a run directory")
+
+
+def _check_output_path(name, value, suffix):
+    if value is None:
+        return
+    path = Path(value)
+    if not value or path.is_dir():
+        raise ConfigError(f"{name}={value} must be a file path")
+    if path.suffix.lower() != suffix:
+        raise ConfigError(f"{name}={value} must end in {suffix}")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise ConfigError(f"{name}={value}: folder {str(parent)!r} does not exist")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Everything one ``bin/evaluate`` run needs; validated on construction.
+
+    Field names equal ``bin/evaluate``'s flags (``tf_backsmooth.flags.
+    define_eval_flags``), so every message names the flag. Besides values, the
+    checks look at the file system: ``model_path`` must be a ``.keras`` file or
+    a run directory holding ``model.keras``, ``data_dir`` a directory, and the
+    folders of ``output`` (``.json``) and ``plot`` (``.png``) must exist.
+    ``epsilon`` takes ``"0.1,8/255"``, a number or a sequence and becomes a
+    tuple of floats. ``attacks`` (names or presets, a comma-separated string
+    or a sequence) is checked against the attack list by
+    ``evaluation.parse_attacks`` when the run starts.
+    """
+
+    model_path: str | None = None
+    epsilon: Any = None
+    dataset: str = "mnist"
+    data_dir: str | None = None
+    split: str = "test"
+    attacks: Any = "pgd"
+    pgd_steps: int = 20
+    step_size: float | None = None
+    restarts: int = 1
+    apgd_steps: int = 100
+    apgd_targets: int = 9
+    square_queries: int = 5000   # AutoAttack's standard version
+    fab_steps: int = 100         # AutoAttack's standard version
+    num_examples: int | None = None
+    batch_size: int = 256
+    seed: int = 0
+    output: str | None = None
+    plot: str | None = None
+    progress: bool = True
+    jit_compile: bool = False
+
+    def __post_init__(self):
+        _check_model_path(self.model_path)
+        if self.dataset not in DATASETS:
+            raise ConfigError(f"dataset={self.dataset}: unknown dataset; valid: "
+                              + ", ".join(sorted(DATASETS)))
+        if self.split not in SPLITS:
+            raise ConfigError(f"split={self.split}: valid splits are " + ", ".join(SPLITS))
+        if self.data_dir is not None and not Path(self.data_dir).is_dir():
+            raise ConfigError(f"data_dir={self.data_dir}: no such directory")
+        object.__setattr__(self, "epsilon", parse_epsilons(self.epsilon))
+        names = (self.attacks.split(",") if isinstance(self.attacks, str)
+                 else list(self.attacks or ()))
+        if not [a for a in names if str(a).strip()]:
+            raise ConfigError("attacks: no attack given")
+        for name in ("pgd_steps", "restarts", "apgd_steps", "apgd_targets",
+                     "square_queries", "fab_steps", "batch_size"):
+            check_int(name, getattr(self, name), low=1)
+        check_int("num_examples", self.num_examples, low=1, allow_none=True)
+        check_int("seed", self.seed, low=0)
+        check_real("step_size", self.step_size, low=0.0, low_open=True,
+                   high=MAX_EPSILON, allow_none=True)
+        _check_output_path("output", self.output, ".json")
+        _check_output_path("plot", self.plot, ".png")
+        for name in ("progress", "jit_compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be a bool, got {getattr(self, name)!r}")

@@ -648,8 +648,6 @@ def augment_batch(images, seed, padding=CROP_PADDING, flip=True):
     return out
 
 
-_augment = augment_batch  # former private name, kept for existing callers
-
 PREFETCH_BATCHES = 2
 
 

@@ -13,7 +13,8 @@ Public API
   attack strengths).
 * :func:`adversarial_examples` -- the perturbed inputs of one attack.
 * :func:`apgd` -- Auto-PGD (Croce & Hein 2020) as a pure TF function, and
-  :func:`apgd_checkpoints`, its step-size checkpoint schedule.
+  :func:`apgd_checkpoints`, its step-size checkpoint schedule (both defined in
+  :mod:`tf_backsmooth.attacks` with the DLR losses, and importable from here).
 
 Attacks (``ATTACKS``): ``fgsm``; ``pgd`` (cross-entropy) and ``pgd_margin``
 (CW margin), both :func:`tf_backsmooth.attacks.pgd` from a uniform random
@@ -56,8 +57,6 @@ the Madry et al. code do), APGD any iterate.
 
 from __future__ import annotations
 
-import collections
-import math
 import sys
 import time
 import weakref
@@ -71,28 +70,36 @@ import tensorflow as tf
 from tf_backsmooth import attacks as attacks_lib
 from tf_backsmooth import objectives, rng
 
+# APGD and its losses live in attacks.py; importable from here as before.
+from tf_backsmooth.attacks import (  # noqa: F401
+    APGD_MOMENTUM,
+    APGD_RHO,
+    APGDResult,
+    apgd,
+    apgd_checkpoints,
+    dlr_loss,
+    dlr_targeted_loss,
+    target_classes,
+)
+from tf_backsmooth.config import EvalConfig, check_epsilon
+
 ATTACKS = ("fgsm", "pgd", "pgd_margin", "apgd_ce", "apgd_t", "fab_t", "square")
 # Presets run their attacks in order, each only on the examples still robust.
 PRESETS = {"autoattack_lite": ("apgd_ce", "apgd_t"),
            "autoattack": ("apgd_ce", "apgd_t", "fab_t", "square")}
 
-# Fixed per-attack stream ids: an attack's random starts do not depend on
-# which other attacks run or in which order.
-_STREAM = {"fgsm": 1, "pgd": 2, "pgd_margin": 3, "apgd_ce": 4, "apgd_t": 5,
-           "square": 6, "fab_t": 7}
+# Fixed per-attack stream ids (rng.EVAL_ATTACKS): an attack's random starts do
+# not depend on which other attacks run or in which order.
+_STREAM = rng.EVAL_ATTACKS
 
 #: Square Attack queries per example and FAB-T iterations per target
-#: (AutoAttack's standard version).
-SQUARE_QUERIES = 5000
-FAB_STEPS = 100
+#: (AutoAttack's standard version; also bin/evaluate's defaults).
+SQUARE_QUERIES = EvalConfig.square_queries
+FAB_STEPS = EvalConfig.fab_steps
 
 # Attacks that follow the input gradient (Square only reads logits).
 _GRADIENT_ATTACKS = ("fgsm", "pgd", "pgd_margin", "apgd_ce", "apgd_t", "fab_t",
                      "autoattack_lite")
-
-#: APGD defaults (Croce & Hein 2020): step-decrease threshold and momentum.
-APGD_RHO = 0.75
-APGD_MOMENTUM = 0.75
 
 #: Sanity checks: accuracy differences below this (1 point) are noise.
 TOLERANCE = 0.01
@@ -133,199 +140,6 @@ def load_classifier(path) -> keras.Model:
         raise ValueError(f"could not load a Keras model from {str(path)!r}: "
                          f"{type(err).__name__}: {err}") from err
     return model
-
-
-# ----------------------------------------------------------------------------
-# Losses and APGD (pure TensorFlow)
-# ----------------------------------------------------------------------------
-def _true_logit(labels, logits):
-    labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
-    return tf.gather(logits, labels, axis=1, batch_dims=1)
-
-
-def dlr_loss(labels, logits):
-    """Per-example untargeted DLR loss ``-(z_y - max_{i!=y} z_i)/(z_1 - z_3)``.
-
-    ``z_1 >= z_2 >= ...`` are the sorted logits (needs >= 3 classes).
-    """
-    logits = tf.cast(logits, tf.float32)
-    top = tf.math.top_k(logits, k=3).values
-    margin = -objectives.margin_loss(labels, logits)
-    return -margin / (top[:, 0] - top[:, 2] + 1e-12)
-
-
-def dlr_targeted_loss(labels, targets, logits):
-    """Per-example targeted DLR ``-(z_y - z_t) / (z_1 - (z_3 + z_4) / 2)``.
-
-    Needs >= 4 classes. Maximising it pushes the target logit ``z_t`` above
-    the true one; the denominator makes it invariant to logit scale.
-    """
-    logits = tf.cast(logits, tf.float32)
-    top = tf.math.top_k(logits, k=4).values
-    diff = _true_logit(labels, logits) - _true_logit(targets, logits)
-    return -diff / (top[:, 0] - 0.5 * (top[:, 2] + top[:, 3]) + 1e-12)
-
-
-def target_classes(labels, logits, rank):
-    """The ``rank``-th (1 = highest) scoring class other than the label."""
-    logits = tf.cast(logits, tf.float32)
-    labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
-    onehot = tf.one_hot(labels, tf.shape(logits)[-1], dtype=logits.dtype)
-    order = tf.argsort(logits - onehot * 1e9, axis=-1, direction="DESCENDING",
-                       stable=True)
-    return tf.gather(order, tf.cast(rank, tf.int32) - 1, axis=1)
-
-
-def apgd_checkpoints(steps):
-    """APGD's checkpoints ``w_j = ceil(p_j * steps)`` (Croce & Hein 2020).
-
-    ``p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)``;
-    only the ``w_j`` in ``(0, steps]`` are returned (sorted, no duplicates).
-    The ``p_j`` are kept in exact hundredths, so ``0.22 * 100`` is 22, not 23.
-    """
-    steps = int(steps)
-    if steps < 1:
-        return []
-    hundredths = [0, 22]
-    while hundredths[-1] <= 100:
-        prev, cur = hundredths[-2], hundredths[-1]
-        hundredths.append(cur + max(cur - prev - 3, 6))
-    out = []
-    for p in hundredths[1:]:
-        w = -(-p * steps // 100)  # exact ceil
-        if w > steps:
-            break
-        if w >= 1 and (not out or w > out[-1]):
-            out.append(w)
-    return out
-
-
-APGDResult = collections.namedtuple(
-    "APGDResult", ["x_adv", "robust", "loss_best", "step_size"])
-
-
-def _per_example(v, x):
-    return tf.reshape(v, [-1] + [1] * (x.shape.rank - 1))
-
-
-def apgd(model_fn, x, y, epsilon, steps=100, loss="ce", targets=None,
-         seed=None, *, rho=APGD_RHO, momentum=APGD_MOMENTUM, init_noise=None):
-    """Auto-PGD, L-inf (Croce & Hein 2020, Algorithm 1), per-example state.
-
-    Starts at ``project(x + U(-eps, eps))`` (or ``x + init_noise``) with step
-    size ``2 * eps``. Each step is a sign step followed by momentum ``alpha =
-    momentum`` (1 on the first step), both projected. At every checkpoint
-    ``w_j`` (:func:`apgd_checkpoints`) an example's step size is halved, and it
-    restarts from its best point, if (1) fewer than ``rho * (w_j - w_{j-1})``
-    of its steps since the last checkpoint increased the loss, or (2) its step
-    size was not halved at the last checkpoint and its best loss has not
-    increased since then.
-
-    Choices where the paper and the reference code (fra31/auto-attack)
-    differ, following the paper: checkpoints are ``ceil(p_j * steps)``
-    (identical to the code's integer schedule for 100 steps); condition (2)
-    is already active at the first checkpoint (the code disables it there);
-    after a restart the next step's success is judged against the best loss
-    (the point it restarted from). The start is uniform in the eps-ball (the
-    code rescales the noise so its largest entry is exactly eps).
-
-    ``loss`` is ``"ce"``, ``"dlr"`` or ``"dlr_targeted"`` (needs ``targets``,
-    one class per example). Returns :class:`APGDResult`: ``x_adv`` is the
-    last misclassified iterate where one occurred, else the highest-loss
-    point; ``robust`` is 1.0 where no iterate (the start included) was
-    misclassified; ``loss_best`` and the final per-example ``step_size``.
-    ``steps`` must be a Python int.
-    """
-    x = tf.stop_gradient(tf.convert_to_tensor(x))
-    y = tf.reshape(tf.convert_to_tensor(y), [-1])
-    if loss == "ce":
-        loss_fn = lambda z: objectives.cross_entropy(y, z)  # noqa: E731
-    elif loss == "dlr":
-        loss_fn = lambda z: dlr_loss(y, z)  # noqa: E731
-    elif loss == "dlr_targeted":
-        if targets is None:
-            raise ValueError("loss='dlr_targeted' needs targets")
-        targets = tf.reshape(tf.convert_to_tensor(targets), [-1])
-        loss_fn = lambda z: dlr_targeted_loss(y, targets, z)  # noqa: E731
-    else:
-        raise ValueError(f"loss must be 'ce', 'dlr' or 'dlr_targeted', got {loss!r}")
-    steps = int(steps)
-    eps = tf.cast(epsilon, x.dtype)
-
-    # Static schedule: is_check[t] after t steps, interval[t] = w_j - w_{j-1}.
-    is_check = np.zeros(steps + 1, bool)
-    interval = np.ones(steps + 1, np.float32)
-    last = 0
-    for w in apgd_checkpoints(steps):
-        is_check[w], interval[w], last = True, w - last, w
-    is_check = tf.constant(is_check)
-    interval = tf.constant(interval)
-
-    if init_noise is None:
-        init_noise = attacks_lib.uniform_noise(tf.shape(x), eps, seed, x.dtype)
-    x0 = attacks_lib.project(x + tf.cast(init_noise, x.dtype), x, eps)
-    loss0, grad0, logits0 = attacks_lib.input_gradient(model_fn, x0, loss_fn)
-    robust0 = objectives.correct(y, logits0) > 0.5
-    batch = tf.shape(x)[0]
-    zeros = tf.zeros([batch], tf.float32)
-    state = dict(
-        x_adv=x0, x_prev=x0, grad=grad0, loss_prev=loss0,
-        x_best=x0, grad_best=grad0, loss_best=loss0,
-        x_best_adv=x0, robust=robust0,
-        step=tf.fill([batch], 2.0 * tf.cast(eps, tf.float32)),
-        successes=zeros, loss_best_last=loss0,
-        reduced_last=tf.zeros([batch], tf.bool))
-    if steps <= 0:
-        return _apgd_result(state, x)
-
-    def body(i, s):
-        pe = lambda v: _per_example(v, x)  # noqa: E731
-        a = tf.where(tf.equal(i, 0), 1.0, momentum)
-        a = tf.cast(a, x.dtype)
-        step = pe(tf.cast(s["step"], x.dtype))
-        z = attacks_lib.project(
-            attacks_lib.sign_step(s["x_adv"], s["grad"], step), x, eps)
-        x_new = attacks_lib.project(
-            s["x_adv"] + a * (z - s["x_adv"]) + (1 - a) * (s["x_adv"] - s["x_prev"]),
-            x, eps)
-        loss_new, grad_new, logits = attacks_lib.input_gradient(
-            model_fn, x_new, loss_fn)
-        wrong = objectives.correct(y, logits) < 0.5
-        x_best_adv = tf.where(pe(wrong), x_new, s["x_best_adv"])
-        robust = s["robust"] & ~wrong
-        successes = s["successes"] + tf.cast(loss_new > s["loss_prev"], tf.float32)
-        improved = loss_new > s["loss_best"]
-        x_best = tf.where(pe(improved), x_new, s["x_best"])
-        grad_best = tf.where(pe(improved), grad_new, s["grad_best"])
-        loss_best = tf.where(improved, loss_new, s["loss_best"])
-
-        t = i + 1
-        check = is_check[t]
-        cond1 = successes < rho * interval[t]
-        cond2 = ~s["reduced_last"] & (loss_best <= s["loss_best_last"])
-        halve = check & (cond1 | cond2)
-        new = dict(
-            x_prev=s["x_adv"],
-            x_adv=tf.where(pe(halve), x_best, x_new),
-            grad=tf.where(pe(halve), grad_best, grad_new),
-            loss_prev=tf.where(halve, loss_best, loss_new),
-            x_best=x_best, grad_best=grad_best, loss_best=loss_best,
-            x_best_adv=x_best_adv, robust=robust,
-            step=tf.where(halve, s["step"] * 0.5, s["step"]),
-            successes=tf.where(check, tf.zeros_like(successes), successes),
-            loss_best_last=tf.where(check, loss_best, s["loss_best_last"]),
-            reduced_last=tf.where(check, halve, s["reduced_last"]))
-        return t, {k: tf.stop_gradient(v) for k, v in new.items()}
-
-    _, state = tf.while_loop(lambda i, _: i < steps, body,
-                             (tf.constant(0), state), maximum_iterations=steps)
-    return _apgd_result(state, x)
-
-
-def _apgd_result(s, x):
-    x_adv = tf.where(_per_example(s["robust"], x), s["x_best"], s["x_best_adv"])
-    return APGDResult(tf.stop_gradient(x_adv),
-                      tf.cast(s["robust"], tf.float32), s["loss_best"], s["step"])
 
 
 # ----------------------------------------------------------------------------
@@ -472,9 +286,7 @@ def _check_epsilons(epsilons):
             e = float(e)
         except (TypeError, ValueError):
             raise ValueError(f"epsilon must be a number, got {e!r}") from None
-        if not math.isfinite(e) or e < 0 or e > 1:
-            raise ValueError(f"epsilon must be in [0, 1] (pixel units), got {e}")
-        out.append(e)
+        out.append(check_epsilon(e, allow_zero=True))
     if not out:
         raise ValueError("no epsilon given")
     if len(set(out)) != len(out):
@@ -945,3 +757,110 @@ def format_table(report) -> str:
                               for st in log)
             lines.append(f"{preset} at eps={float(k):g}: {parts}")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------
+# A run from an EvalConfig (bin/evaluate)
+# ----------------------------------------------------------------------------
+class EvalError(ValueError):
+    """An evaluation run cannot proceed; the message names the flag."""
+
+
+def _one_line(err):
+    return " ".join(str(err).split())
+
+
+def run(config) -> dict:
+    """Loads the model and the data of ``config`` (a validated
+    :class:`tf_backsmooth.config.EvalConfig`), evaluates and returns the
+    report (with ``data`` and ``model_path`` added). Raises :class:`EvalError`
+    with one line naming the flag for a bad attack list, an unloadable model
+    or dataset, or a model that does not fit the data."""
+    from tf_backsmooth import data
+
+    try:
+        attacks = parse_attacks(config.attacks)
+    except ValueError as err:
+        raise EvalError(f"--attacks={config.attacks}: {err}") from None
+    try:
+        model = load_classifier(config.model_path)
+    except (OSError, ValueError) as err:
+        raise EvalError(f"--model_path={config.model_path}: {_one_line(err)}") from None
+    try:
+        x, y = data.load_arrays(config.dataset, config.split, data_dir=config.data_dir,
+                                num_examples=config.num_examples)
+    except (OSError, ValueError) as err:
+        raise EvalError(f"--dataset={config.dataset} (--data_dir={config.data_dir}): "
+                        f"{_one_line(err)}") from None
+    expected = tuple(getattr(model, "input_shape", (None,) + x.shape[1:])[1:])
+    if None not in expected and expected != tuple(x.shape[1:]):
+        raise EvalError(f"--model_path={config.model_path}: the model takes inputs of shape "
+                        f"{expected} but --dataset={config.dataset} has images of shape "
+                        f"{tuple(x.shape[1:])}")
+    outputs = getattr(model, "output_shape", None)
+    classes = (outputs[-1] if isinstance(outputs, tuple) and isinstance(outputs[-1], int)
+               else None)
+    if classes is not None and int(y.max()) >= classes:
+        raise EvalError(f"--model_path={config.model_path}: the model has {classes} outputs "
+                        f"but --dataset={config.dataset} has labels up to {int(y.max())}")
+    if ({"apgd_t", "autoattack_lite", "autoattack"} & set(attacks) and classes is not None
+            and classes < 4):
+        raise EvalError("--attacks: apgd_t needs a model with >= 4 classes")
+
+    x = np.asarray(x, np.float32) / 255.0
+    try:
+        report = evaluate(
+            model, x, y, list(config.epsilon), attacks, batch_size=config.batch_size,
+            pgd_steps=config.pgd_steps, restarts=config.restarts,
+            step_size=config.step_size, apgd_steps=config.apgd_steps,
+            apgd_targets=config.apgd_targets, square_queries=config.square_queries,
+            fab_steps=config.fab_steps, seed=config.seed, progress=config.progress,
+            jit_compile=config.jit_compile)
+    except ValueError as err:  # e.g. a model that rejects the data
+        raise EvalError(_one_line(err)) from None
+    report["data"] = {"dataset": config.dataset, "split": config.split,
+                      "data_dir": config.data_dir}
+    report["model_path"] = str(config.model_path)
+    return report
+
+
+def plot_report(report, path):
+    """A PNG plot of accuracy vs epsilon (one line per attack and the worst
+    case), written atomically to ``path``."""
+    import io
+
+    import matplotlib
+
+    from tf_backsmooth import fileio
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epsilons = sorted(report["epsilons"])
+    xs = [0.0] + epsilons
+    clean = report["clean_accuracy"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    names = []
+    for eps in epsilons:
+        for name in report["attacks"][str(eps)]:
+            if name not in names:
+                names.append(name)
+    for name in names:
+        ys = [clean] + [report["attacks"][str(e)].get(name, float("nan")) for e in epsilons]
+        ax.plot(xs, [100 * v for v in ys], marker="o", label=name)
+    robust = report["robust_accuracy"]
+    worst = [robust] if not isinstance(robust, dict) else [robust[str(e)] for e in epsilons]
+    ax.plot(xs, [100 * clean] + [100 * v for v in worst], marker="s", color="black",
+            linewidth=2.5, label="worst case")
+    ax.set_xlabel("epsilon (L-inf, pixel units)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"{report['data']['dataset']} {report['data']['split']}: "
+                 f"{report['num_examples']} examples")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=100, format=Path(path).suffix[1:] or "png")
+    plt.close(fig)
+    fileio.write_bytes(path, buf.getvalue())

@@ -80,6 +80,18 @@ def write_json(path, payload):
                                        default=str) + "\n")
 
 
+_REQUIRED = object()
+
+
+def read_json(path, default=_REQUIRED):
+    """The JSON document in ``path``; ``default``, if given, when the file
+    does not exist (otherwise ``FileNotFoundError``)."""
+    if default is not _REQUIRED and not os.path.exists(path):
+        return default
+    with open(path) as f:
+        return json.load(f)
+
+
 def read_jsonl(path):
     """The records of a JSON-lines file (``[]`` when it does not exist)."""
     if not os.path.exists(path):

@@ -1,8 +1,14 @@
-"""The absl flags of ``bin/train``: the only module that defines or reads flags.
+"""The absl flags of ``bin/train`` and ``bin/evaluate``: the only module that
+defines or reads flags.
 
-``define_flags()`` registers them; ``config_from_flags(FLAGS)`` turns parsed
-flags into a frozen :class:`tf_backsmooth.config.TrainConfig` (which validates
-every value). Library code below ``bin/`` never reads flags: it takes a config.
+``define_flags()`` registers bin/train's; ``config_from_flags(FLAGS)`` turns
+parsed flags into a frozen :class:`tf_backsmooth.config.TrainConfig` (which
+validates every value). ``define_eval_flags()`` and
+``eval_config_from_flags(FLAGS)`` do the same for bin/evaluate and
+:class:`tf_backsmooth.config.EvalConfig`. The two programs share some flag
+names with different meanings (``--epsilon`` is one budget for training, a
+list for evaluation), so a process defines one set only. Library code below
+``bin/`` never reads flags: it takes a config.
 
 Flag names equal the config field names, so every validation message (which
 starts with the field name) names the flag.
@@ -159,6 +165,48 @@ def define_flags(flag_values=flags.FLAGS):
                          "terminal, else 2).")
 
 
+def define_eval_flags(flag_values=flags.FLAGS):
+    """Registers bin/evaluate's flags on ``flag_values`` (a fresh FlagValues
+    in tests)."""
+    d = config_lib.EvalConfig  # the dataclass: its class attributes are the defaults
+    fv = flag_values
+    _define(fv, flags.DEFINE_string, "model_path", None,
+            "A .keras file, or a run directory containing model.keras.")
+    _define(fv, flags.DEFINE_string, "dataset", d.dataset, "Dataset name (tf_backsmooth.data).")
+    _define(fv, flags.DEFINE_string, "data_dir", None, "Folder holding the dataset's files.")
+    _define(fv, flags.DEFINE_string, "split", d.split,
+            "Split to evaluate: train, validation or test.")
+    _define(fv, flags.DEFINE_string, "epsilon", None,
+            "L-inf budget(s) in [0, 1] pixel units, comma-separated; fractions such as "
+            "8/255 are accepted.")
+    _define(fv, flags.DEFINE_string, "attacks", d.attacks,
+            "Comma-separated attacks: fgsm, pgd, pgd_margin, apgd_ce, apgd_t, fab_t, square, "
+            "or the presets autoattack_lite (apgd_ce, apgd_t) and autoattack (apgd_ce, "
+            "apgd_t, fab_t, square: AutoAttack's standard version).")
+    _define(fv, flags.DEFINE_integer, "pgd_steps", d.pgd_steps, "PGD iterations.")
+    _define(fv, flags.DEFINE_float, "step_size", None,
+            "PGD step size (default 2.5 * eps / pgd_steps).")
+    _define(fv, flags.DEFINE_integer, "restarts", d.restarts,
+            "Random starts per attack (per target for apgd_t; fab_t and square run once).")
+    _define(fv, flags.DEFINE_integer, "apgd_steps", d.apgd_steps, "APGD iterations per run.")
+    _define(fv, flags.DEFINE_integer, "apgd_targets", d.apgd_targets,
+            "Target classes of apgd_t.")
+    _define(fv, flags.DEFINE_integer, "square_queries", d.square_queries,
+            "Queries per example of the Square Attack (--attacks=square).")
+    _define(fv, flags.DEFINE_integer, "fab_steps", d.fab_steps,
+            "FAB-T iterations per target (--attacks=fab_t).")
+    _define(fv, flags.DEFINE_integer, "num_examples", None,
+            "Evaluate the first N examples of the split (default: all).")
+    _define(fv, flags.DEFINE_integer, "batch_size", d.batch_size, "Examples per attack batch.")
+    _define(fv, flags.DEFINE_integer, "seed", d.seed, "Seed of the random starts.")
+    _define(fv, flags.DEFINE_string, "output", None, "Write the JSON report here.")
+    _define(fv, flags.DEFINE_string, "plot", None,
+            "Write a PNG plot of accuracy vs epsilon here.")
+    _define(fv, flags.DEFINE_bool, "progress", d.progress,
+            "Print a progress line per batch to stderr.")
+    _define(fv, flags.DEFINE_bool, "jit_compile", d.jit_compile, "Compile the attacks with XLA.")
+
+
 def _define(fv, definer, *args, **kwargs):
     return definer(*args, flag_values=fv, **kwargs)
 
@@ -185,3 +233,10 @@ def flags_text(FLAGS) -> str:  # noqa: N803
         if flag.value is not None:
             lines.append(flag.serialize())
     return "\n".join(lines) + "\n"
+
+
+def eval_config_from_flags(FLAGS) -> config_lib.EvalConfig:  # noqa: N803
+    """Builds the frozen evaluation config; raises ConfigError naming a bad
+    flag (the message starts with the flag's name)."""
+    fields = [f.name for f in config_lib.dataclasses.fields(config_lib.EvalConfig)]
+    return config_lib.EvalConfig(**{name: FLAGS[name].value for name in fields})

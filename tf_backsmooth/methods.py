@@ -2,7 +2,9 @@
 
 A :class:`Method` pairs an attack (how the training adversarial examples are
 made) with an objective (which per-example terms are minimised). Adding a
-method is one :func:`register` call plus a test.
+method is one :func:`register` call, its name in ``config.METHODS`` and a
+hand-computed test (BUILD_NOTES.md, "Adding a method / dataset / model /
+attack", lists every file).
 
 Attack signature::
 
@@ -30,7 +32,7 @@ from typing import Any, Callable, Mapping, Optional
 import tensorflow as tf
 
 from tf_backsmooth import attacks, objectives
-from tf_backsmooth.config import AttackParams, ConfigError, check_int, check_real
+from tf_backsmooth.config import AttackParams, ConfigError, check_epsilon, check_int, check_real
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +130,7 @@ def resolve_params(name, epsilon=None, step_size=None, steps=None, gamma=None,
         return AttackParams(0.0, 0.0, 0, gamma, beta, merged).validate()
     if epsilon is None:
         raise ConfigError(f"epsilon is required for method {name!r}")
-    epsilon = check_real("epsilon", epsilon, low=0.0, low_open=True, high=1.0)
+    epsilon = check_epsilon(epsilon)
     if steps is None:
         steps = method.default_steps
     steps = check_int("steps", steps, low=1 if not method.single_step else 0)
@@ -147,7 +149,9 @@ def _check_lambda(extra):
     check_real("lambda_", extra["lambda_"], low=0.0)
 
 
-def _check_init_radius(extra):
+def _check_fgsm_start(extra):
+    """The FGSM family's random start: ``init_scale`` (its radius in units of
+    epsilon) and, where the method has it, ``clip_start``."""
     check_real("init_scale", extra["init_scale"], low=0.0, high=10.0)
     if not isinstance(extra.get("clip_start", True), bool):
         raise ConfigError(
@@ -215,12 +219,7 @@ def gradalign_objective(model_fn, x, y, attack_output, params, seed):
     g1 = tf.stop_gradient(g1)
     eta = attacks.uniform_noise(tf.shape(x), params.epsilon, seed, x.dtype)
     _, g2, _ = attacks.input_gradient(model_fn, x + eta, ce)
-    flat1 = tf.reshape(g1, [tf.shape(g1)[0], -1])
-    flat2 = tf.reshape(g2, [tf.shape(g2)[0], -1])
-    n1 = tf.norm(flat1, axis=1)
-    n2 = tf.norm(flat2, axis=1)
-    nonzero = tf.cast((n1 > 0) & (n2 > 0), tf.float32)
-    cos = tf.reduce_sum(flat1 * flat2, axis=1) / tf.maximum(n1 * n2, 1e-20)
+    cos, nonzero = objectives.gradient_cosine(g1, g2)
     reg = params.get("lambda_") * (1.0 - cos) * nonzero
     adv_logits = model_fn(attack_output.x_adv)
     return Terms(_zeros_like_batch(y),
@@ -301,7 +300,7 @@ register(Method(
     default_steps=1,
     extra_defaults={"random_start": True, "init_scale": 1.0,
                     "clip_start": True},
-    grad_evals=lambda p: 2, single_step=True, check=_check_init_radius,
+    grad_evals=lambda p: 2, single_step=True, check=_check_fgsm_start,
     reference=(
         "Wong et al. 2020 ('Fast is better than free'). Uniform start in the "
         "eps-ball, one step of 1.25*eps, projected. Attack in training mode, "
@@ -327,7 +326,7 @@ register(Method(
     default_steps=1,
     extra_defaults={"random_start": False, "init_scale": 1.0, "lambda_": 0.2},
     grad_evals=lambda p: 4, single_step=True,
-    check=lambda e: (_check_lambda(e), _check_init_radius(e)),
+    check=lambda e: (_check_lambda(e), _check_fgsm_start(e)),
     clean_in_objective=True,
     reference=(
         "Andriushchenko & Flammarion 2020. FGSM (official defaults: zero "
@@ -340,7 +339,7 @@ register(Method(
     attack_training=True, default_step_size=lambda eps: eps,
     default_steps=1,
     extra_defaults={"random_start": True, "init_scale": 2.0, "project": False},
-    grad_evals=lambda p: 2, single_step=True, check=_check_init_radius,
+    grad_evals=lambda p: 2, single_step=True, check=_check_fgsm_start,
     reference=(
         "de Jorge et al. 2022. Uniform noise of 2*eps (init_scale=2), one "
         "step of eps, no projection onto the eps-ball (only [0, 1]). Attack "

@@ -89,6 +89,24 @@ def correct(labels, logits):
                             labels), tf.float32)
 
 
+def gradient_cosine(g1, g2):
+    """Per-example cosine between two batches of input gradients.
+
+    Returns ``(cos, nonzero)``: ``cos`` is 0 where either gradient is all
+    zero, and ``nonzero`` (float32 0/1) marks the examples where both are
+    not. Shared by GradAlign's regulariser and the CO guard's alignment
+    measurement (Andriushchenko & Flammarion 2020).
+    """
+    n = tf.shape(g1)[0]
+    flat1 = tf.reshape(g1, [n, -1])
+    flat2 = tf.reshape(g2, [n, -1])
+    n1 = tf.norm(flat1, axis=1)
+    n2 = tf.norm(flat2, axis=1)
+    nonzero = tf.cast((n1 > 0) & (n2 > 0), tf.float32)
+    cos = tf.reduce_sum(flat1 * flat2, axis=1) / tf.maximum(n1 * n2, 1e-20)
+    return cos, nonzero
+
+
 def replica_mean(per_example, sample_weight=None, num_replicas=None):
     """Replica-correct mean of a per-example vector: the one reduction helper.
 

@@ -20,6 +20,34 @@ import math
 
 import tensorflow as tf
 
+# ----------------------------------------------------------------------------
+# Named seed streams
+# ----------------------------------------------------------------------------
+# Every consumer of random numbers folds its own constant into its parent seed
+# (``fold_in(parent, STREAM)``), so no two consumers draw from the same stream.
+# The values are part of every result: changing one changes the numbers drawn
+# (and breaks bit-identical reruns and resumes of earlier runs). Add new
+# streams with new values; never renumber.
+
+#: RobustModel: the training attack's noise, ``fold_in(step seed, .)``; the step
+#: seed is ``fold_in(fold_in([seed, 0], optimizer step), replica id)``.
+TRAIN_ATTACK = 1
+#: RobustModel: the objective's noise (GradAlign's eta), ``fold_in(step seed, .)``.
+TRAIN_OBJECTIVE = 2
+#: train_lib: data augmentation of global step ``t`` from
+#: ``fold_in(fold_in(run seed, .), t)``.
+AUGMENT = 7
+#: The CO guard's measurement seed is ``[guard seed, CO_GUARD]``; its PGD start
+#: and its alignment noise fold in ``CO_GUARD_PGD`` and ``CO_GUARD_ALIGNMENT``.
+CO_GUARD = 0x5EED
+CO_GUARD_PGD = 1
+CO_GUARD_ALIGNMENT = 2
+#: evaluation: one stream per attack, ``fold_in([seed, 0], .)`` (then the target
+#: and the restart), so an attack's random starts do not depend on which other
+#: attacks run or in which order.
+EVAL_ATTACKS = {"fgsm": 1, "pgd": 2, "pgd_margin": 3, "apgd_ce": 4, "apgd_t": 5,
+                "square": 6, "fab_t": 7}
+
 _U32 = tf.uint32
 _GOLDEN = 0x9E3779B9
 _SALT1 = 0x632BE5AB

@@ -7,6 +7,8 @@ Usage::
     model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
     model.fit(train_ds, epochs=10)
     model.save("model.keras")   # exports the plain base classifier
+    model.set_params(epsilon=0.2)              # from the next step on
+    model.switch_method("trades", steps=10)    # same epsilon, gamma, beta
 
 How a step runs
 ---------------
@@ -25,12 +27,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import typing
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_backsmooth import attacks, objectives, schedules
+from tf_backsmooth import attacks, objectives, rng, schedules
 from tf_backsmooth import methods as methods_lib
 
 log = logging.getLogger("tf_backsmooth")
@@ -39,14 +42,21 @@ TRAIN_METRICS = ("loss", "natural_loss", "robust_loss", "clean_accuracy",
                  "adv_accuracy")
 
 
-def resolve_xla(request):
+def resolve_xla(request, batch_norm=False, attack_steps=0):
     """Turns a ``jit_compile`` request (True/False/"auto") into ``(used, why)``.
 
-    ``"auto"`` enables XLA only where a GPU is visible and op determinism is
-    off: on this project's CPUs XLA was measured slower than graph mode for
-    small CNNs (see BUILD_NOTES.md), and XLA has no deterministic kernels for
-    every op. Unlike Keras' own ``"auto"``, it stays on under a distribution
-    strategy, because only the per-replica function is compiled.
+    ``"auto"`` never enables XLA with op determinism on (XLA has no
+    deterministic kernels for every op); otherwise it enables it where a GPU
+    is visible, and on a CPU only for a model with BatchNorm (``batch_norm``)
+    trained with an attack whose loop is unrolled (``1 <= attack_steps <=
+    attacks.UNROLL_MAX_STEPS``). That is the rule the CPU measurements support
+    (BUILD_NOTES.md, "Backward Smoothing step: profile and speed"): XLA fuses
+    Keras' unfused BatchNorm arithmetic and the short attack, so the BS step
+    of ResNet-18 ran 1.65x faster than graph mode, while graph mode stayed
+    faster without BatchNorm (SmallCNN), without an attack, and around
+    ``tf.while_loop`` attack loops (TRADES-10, PGD-10: 4x slower under XLA).
+    Unlike Keras' own ``"auto"``, it stays on under a distribution strategy,
+    because only the per-replica function is compiled.
     """
     if request is True:
         return True, "requested"
@@ -58,9 +68,29 @@ def resolve_xla(request):
     from tensorflow.python.framework.config import is_op_determinism_enabled
     if is_op_determinism_enabled():
         return False, "auto: op determinism is enabled"
-    if not tf.config.list_physical_devices("GPU"):
-        return False, "auto: no GPU (XLA measured slower on CPU)"
-    return True, "auto: GPU present"
+    if tf.config.list_physical_devices("GPU"):
+        return True, "auto: GPU present"
+    if not batch_norm:
+        return False, "auto: CPU, no BatchNorm (graph mode measured faster)"
+    if attack_steps < 1:
+        return False, "auto: CPU, no attack (graph mode measured faster)"
+    if attack_steps > attacks.UNROLL_MAX_STEPS:
+        return False, (f"auto: CPU, {attack_steps}-step attack loop "
+                       "(tf.while_loop; graph mode measured faster)")
+    return True, (f"auto: CPU, BatchNorm and a {attack_steps}-step unrolled "
+                  "attack (XLA measured faster)")
+
+
+class StepPlan(typing.NamedTuple):
+    """How ``compile`` runs the per-replica step: ``xla`` and its ``reason``
+    (see :func:`resolve_xla`), and ``inline``: the step runs inside Keras'
+    train function, without a nested ``tf.function`` (``run_eagerly``, and
+    synchronised BatchNorm, whose cross-replica ``merge_call`` neither XLA
+    nor a nested ``tf.function`` supports)."""
+
+    xla: bool
+    reason: str
+    inline: bool
 
 
 _BATCH_STAT_LAYERS = (keras.layers.BatchNormalization,)
@@ -162,32 +192,19 @@ class RobustModel(keras.Model):
                 f"base_model must be a keras.Model, got {type(base_model)}")
         super().__init__(name=name or f"robust_{base_model.name}")
         self.base_model = base_model
-        self.method_name = method
-        self.method = methods_lib.get(method)
-        self.params = methods_lib.resolve_params(
-            method, epsilon=epsilon, step_size=step_size, steps=steps,
-            gamma=gamma, beta=beta, **method_kwargs)
+        resolved = self._resolve(method, dict(
+            epsilon=epsilon, step_size=step_size, steps=steps, gamma=gamma,
+            beta=beta, **method_kwargs))
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
         self.seed = seed
         self.epsilon_schedule = schedules.check_schedule(epsilon_schedule)
-        if epsilon_schedule is not None and self.method.attack is None:
-            raise methods_lib.ConfigError(
-                f"method {method!r} runs no attack; epsilon_schedule does not "
-                "apply")
         self.log_clean_accuracy = log_clean_accuracy
-        logged = ["loss", "natural_loss", "robust_loss"]
-        if log_clean_accuracy or self.method.clean_in_objective:
-            logged.append("clean_accuracy")
-        if self.method.attack is not None:
-            logged.append("adv_accuracy")
-        self._logged = tuple(logged)
+        self._apply(*resolved)
         # clean_accuracy always exists: test_step reports it.
         self._trackers = {n: keras.metrics.Mean(name=n)
                           for n in TRAIN_METRICS}
-        self._xla_request = "auto"
-        self.xla = False
-        self.xla_reason = "not compiled"
+        self._plan = StepPlan(False, "not compiled", False)
         self._step_fn = None
         # Whether one call on a concatenated batch equals two calls (no
         # layer computes batch statistics); see methods.forward_pair.
@@ -196,6 +213,87 @@ class RobustModel(keras.Model):
         self.batch_independent = not any(
             isinstance(layer, _BATCH_STAT_LAYERS)
             for layer in base_model._flatten_layers())
+
+    # ------------------------------------------------------- method, params
+    @staticmethod
+    def _resolve(name, args):
+        """``(method, params, args)`` for method ``name`` built with the
+        keywords ``args``; raises ConfigError naming a bad value. Changes
+        nothing."""
+        return (methods_lib.get(name), methods_lib.resolve_params(name, **args),
+                dict(args))
+
+    def _apply(self, method, params, args):
+        """Makes ``method``/``params`` the model's (after ``_resolve``)."""
+        if self.epsilon_schedule is not None and method.attack is None:
+            raise methods_lib.ConfigError(
+                f"method {method.name!r} runs no attack; epsilon_schedule does "
+                "not apply")
+        self.method_name = method.name
+        self.method = method
+        self.params = params
+        self._param_args = args
+        self._logged = self._logged_metrics()
+
+    def _logged_metrics(self):
+        """The training metrics logged for the current method."""
+        logged = ["loss", "natural_loss", "robust_loss"]
+        if self.log_clean_accuracy or self.method.clean_in_objective:
+            logged.append("clean_accuracy")
+        if self.method.attack is not None:
+            logged.append("adv_accuracy")
+        return tuple(logged)
+
+    def set_params(self, **kwargs):
+        """Changes attack parameters; the next training step uses them.
+
+        Takes the constructor's keywords (``epsilon``, ``step_size``,
+        ``steps``, ``gamma``, ``beta`` and the method's own, e.g.
+        ``random_start``): the model then trains exactly as a RobustModel
+        built with its earlier keywords updated by these (``None`` returns a
+        keyword to the method's default). So a step size left to its default
+        follows a new ``epsilon``, and one given explicitly is kept.
+        Validated as by the constructor (ConfigError naming the value, and
+        nothing changed); retraces the step (:meth:`retrace`). Returns the new
+        :attr:`params`.
+        """
+        return self._change(self.method_name, {**self._param_args, **kwargs})
+
+    def switch_method(self, name, **kwargs):
+        """Trains with method ``name`` from the next step on.
+
+        As a RobustModel built with ``method=name``, the current ``epsilon``
+        (when both methods run an attack), ``gamma`` and ``beta``, and
+        ``kwargs``; every other parameter takes ``name``'s default. Validated
+        as by the constructor; retraces the step. Returns the new
+        :attr:`params`.
+        """
+        old = self.params
+        args = {"gamma": old.gamma, "beta": old.beta}
+        method = methods_lib.get(name)
+        if method.attack is not None and self.method.attack is not None:
+            args["epsilon"] = old.epsilon
+        return self._change(name, {**args, **kwargs})
+
+    def _change(self, name, args):
+        args = {k: v for k, v in args.items() if v is not None}
+        self._apply(*self._resolve(name, args))
+        self.retrace()
+        return self.params
+
+    def retrace(self):
+        """Makes the next training step re-read :attr:`method` and
+        :attr:`params` (read only while the step is traced).
+
+        :meth:`set_params` and :meth:`switch_method` call it. The cached
+        per-replica step and Keras' train function that captured it are both
+        rebuilt; ``train_function`` is replaced, never set to None, since
+        Keras' ``fit`` loop calls it directly (so this works from a callback
+        during ``fit``, under any strategy, with XLA on or off).
+        """
+        self._step_fn = None
+        if getattr(self, "train_function", None) is not None:
+            self.make_train_function(force=True)
 
     # ------------------------------------------------------------------ Keras
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
@@ -242,20 +340,32 @@ class RobustModel(keras.Model):
             # instead of skipping it with a warning.
             with self.distribute_strategy.scope():
                 self.optimizer.build(self.trainable_variables)
-        self._xla_request = jit_compile
         if run_eagerly:
-            self.xla, self.xla_reason = False, "run_eagerly"
+            self._plan = StepPlan(False, "run_eagerly", True)
         elif any(getattr(layer, "synchronized", False)
                  for layer in self.base_model._flatten_layers()):
             # Synchronised BatchNorm all-reduces inside the step: a
             # cross-replica merge_call, which neither XLA nor a nested
             # tf.function supports, so the step is inlined in Keras' graph.
-            self.xla, self.xla_reason = False, "synchronized BatchNorm"
+            self._plan = StepPlan(False, "synchronized BatchNorm", True)
         else:
-            self.xla, self.xla_reason = resolve_xla(jit_compile)
+            self._plan = StepPlan(*resolve_xla(jit_compile, **self._xla_facts()),
+                                  False)
+        self._jit_request = jit_compile
         self._step_fn = None
         log.info("RobustModel(%s): XLA for the per-replica step: %s (%s)",
                  self.method_name, "on" if self.xla else "off", self.xla_reason)
+
+    @property
+    def xla(self):
+        """Whether the per-replica step is XLA-compiled (set by ``compile``)."""
+        return self._plan.xla
+
+    @property
+    def xla_reason(self):
+        """Why :attr:`xla` has its value (``"requested"``, ``"synchronized
+        BatchNorm"``, ...; ``"not compiled"`` before ``compile``)."""
+        return self._plan.reason
 
     def fit(self, x=None, y=None, *args, **kwargs):
         """As ``keras.Model.fit``; the first batch must lie in ``[0, 1]``
@@ -288,7 +398,7 @@ class RobustModel(keras.Model):
     def step_seed(self, step, replica_id):
         """The stateless seed for one (step, replica): public for tests."""
         base = tf.constant([self.seed, 0], tf.int32)
-        return attacks.fold_in(attacks.fold_in(base, step), replica_id)
+        return rng.fold_in(rng.fold_in(base, step), replica_id)
 
     def epsilon_at(self, step):
         """The training epsilon at optimizer step ``step`` (a float32 tensor)."""
@@ -329,12 +439,12 @@ class RobustModel(keras.Model):
 
         if method.attack is not None:
             out = method.attack(attack_fn, x, y, params,
-                                attacks.fold_in(seed, 1))
+                                rng.fold_in(seed, rng.TRAIN_ATTACK))
         else:
             out = methods_lib.AttackOutput(None)
         with tf.GradientTape() as tape:
             terms = method.objective(train_fn, x, y, out, params,
-                                     attacks.fold_in(seed, 2))
+                                     rng.fold_in(seed, rng.TRAIN_OBJECTIVE))
             loss = objectives.replica_mean(terms.natural + terms.robust,
                                            sample_weight, num_replicas)
             if self.base_model.losses:  # weight regularisers
@@ -358,9 +468,24 @@ class RobustModel(keras.Model):
             stats["adv_accuracy"] = objectives.correct(y, terms.adv_logits)
         return grads, stats
 
+    def _xla_facts(self):
+        """What ``jit_compile="auto"`` decides on (see :func:`resolve_xla`)."""
+        return {"batch_norm": not self.batch_independent,
+                "attack_steps": (self.params.steps if self.method.attack
+                                 is not None else 0)}
+
     def _get_step_fn(self):
         if self._step_fn is None:
-            if self.run_eagerly or self.xla_reason == "synchronized BatchNorm":
+            if (getattr(self, "_jit_request", None) == "auto"
+                    and not self._plan.inline):
+                # set_params / switch_method may have changed the attack.
+                plan = StepPlan(*resolve_xla("auto", **self._xla_facts()), False)
+                if plan != self._plan:
+                    log.info("RobustModel(%s): XLA for the per-replica step "
+                             "now %s (%s)", self.method_name,
+                             "on" if plan.xla else "off", plan.reason)
+                    self._plan = plan
+            if self.run_eagerly or self._plan.inline:
                 self._step_fn = self._grads_and_stats
             else:
                 self._step_fn = tf.function(self._grads_and_stats,

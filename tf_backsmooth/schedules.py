@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import keras
 
-from tf_backsmooth.config import ConfigError, check_int, check_real
+from tf_backsmooth.config import ConfigError, check_epsilon, check_int, check_real
 
 
 @keras.saving.register_keras_serializable("tf_backsmooth")
@@ -31,7 +31,7 @@ class EpsilonWarmup(keras.optimizers.schedules.LearningRateSchedule):
     """
 
     def __init__(self, epsilon, warmup_steps):
-        self.epsilon = check_real("epsilon", epsilon, low=0.0, high=1.0)
+        self.epsilon = check_epsilon(epsilon, allow_zero=True)
         self.warmup_steps = check_int("warmup_steps", warmup_steps, low=0)
 
     def __call__(self, step):

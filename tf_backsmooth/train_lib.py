@@ -103,8 +103,7 @@ def prepare_model_dir(config, is_chief=True):
                 elif name != fileio.LOCK:
                     os.remove(path)
     elif os.path.exists(config_path):
-        with open(config_path) as f:
-            previous = json.load(f)
+        previous = fileio.read_json(config_path)
         current = json.loads(json.dumps(_config_payload(config)))
         if previous != current:
             changed = sorted(k for k in set(previous) | set(current)
@@ -169,7 +168,7 @@ def train_dataset(x, y, info, batch_size, seed, first_epoch, epochs, augment):
         batch = tf.gather(images, index)
         if augment:
             batch = data_lib.augment_batch(
-                batch, rng.fold_in(rng.fold_in(seed, 7), step),
+                batch, rng.fold_in(rng.fold_in(seed, rng.AUGMENT), step),
                 data_lib.CROP_PADDING, info.hflip)
         return tf.cast(batch, tf.float32) / 255.0, tf.gather(labels, index)
 
@@ -428,11 +427,7 @@ def attempt_seed(seed, attempt):
 
 
 def _read_attempts(model_dir):
-    path = os.path.join(model_dir, ATTEMPTS)
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return json.load(f)
+    return fileio.read_json(os.path.join(model_dir, ATTEMPTS), default=[])
 
 
 def _archive_attempt(model_dir, number, attempts):
@@ -677,8 +672,7 @@ def _run(config, strategy, is_chief, flags_text):
     if is_chief:
         if results["co_guard"] is not None:  # the manifest records its events
             path = os.path.join(config.model_dir, MANIFEST)
-            with open(path) as f:
-                payload = json.load(f)
+            payload = fileio.read_json(path)
             payload["co_guard"] = results["co_guard"]
             fileio.write_json(path, payload)
         fileio.save_model(classifier, os.path.join(config.model_dir, "model.keras"))

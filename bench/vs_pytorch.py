@@ -1,0 +1,270 @@
+#!/usr/bin/env python3
+"""Our Backward Smoothing step against a plain PyTorch one, same network, one run.
+
+    pip install torch==2.13.0        # CPU build; bench/ only, not a package dependency
+    python bench/vs_pytorch.py [--nets=small_cnn,resnet18] [--tf_modes=graph,auto]
+                               [--rounds=3] [--steps_small=10] [--steps_resnet=2]
+
+Networks and budgets (issue 13):
+
+* ``small_cnn``: the TRADES MNIST SmallCNN, batch 128, 28x28x1, eps 0.3;
+* ``resnet18``: ``models.get("resnet18")`` against the torchvision-style CIFAR
+  ResNet-18 written below (3x3 stride-1 stem, no max-pool, BasicBlocks 2-2-2-2,
+  widths 64-512, 1x1 projection shortcuts, BatchNorm), batch 32, 32x32x3,
+  eps 8/255.
+
+The step on both sides: Backward Smoothing with step size eps, gamma 1, one
+TRADES step, loss CE + 6 KL, SGD(0.01, momentum 0.9). The PyTorch step is the
+ordinary one (``torch_bs_step``): ``model.eval()`` for the attack, the clean
+logits taken from the backward step's own forward pass (the strongest plain
+version; the official script computes them in one more pass), ``model.train()``
+for the loss, one ``optimizer.step()``. The training passes on ``x`` and ``x'``
+are one call on the concatenated batch for SmallCNN (no BatchNorm: exact, and
+faster) and two calls for the ResNet (each pass normalises with its own batch
+statistics, as in the TRADES/BS code and as ``RobustModel`` does).
+PyTorch runs eager, NCHW, ``torch.set_num_threads(<cores>)``, on pre-built
+tensors; our side runs ``model.fit`` on an in-memory dataset
+(``step_cost.bench_dataset``), so it also pays Keras' per-call set-up.
+
+Each ``--tf_modes`` entry is a ``jit_compile`` value for ``RobustModel.compile``:
+``graph`` (False), ``xla`` (True), ``auto`` (the package's rule; the printed
+line says what it chose and why). Every round times each (network, framework
+or TF mode) for its steps, alternating frameworks; the median over rounds is
+reported, with ``ours / PyTorch throughput = t_torch / t_ours``.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+try:
+    import torch
+    import torch.nn.functional as F
+except ImportError:  # pragma: no cover - depends on the machine
+    raise SystemExit("bench/vs_pytorch.py needs PyTorch: pip install torch==2.13.0") from None
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import step_cost  # noqa: E402  (bench/step_cost.py)
+import tensorflow as tf  # noqa: E402
+
+from tf_backsmooth import models  # noqa: E402
+from tf_backsmooth.robust_model import RobustModel  # noqa: E402
+
+NETS = {  # name: (input HWC, batch, eps)
+    "small_cnn": ((28, 28, 1), 128, 0.3),
+    "resnet18": ((32, 32, 3), 32, 8 / 255),
+}
+GAMMA, BETA, LR, MOMENTUM = 1.0, 6.0, 0.01, 0.9
+MODES = {"graph": False, "xla": True, "auto": "auto"}
+
+
+# ----------------------------------------------------------------------------
+# PyTorch networks (NCHW, as PyTorch code is written)
+# ----------------------------------------------------------------------------
+class SmallCNN(torch.nn.Module):
+    """TRADES' MNIST SmallCNN: conv 32, 32, pool, conv 64, 64, pool, fc 200, dropout, 200, 10."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 32, 3), torch.nn.ReLU(),
+            torch.nn.Conv2d(32, 32, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(32, 64, 3), torch.nn.ReLU(),
+            torch.nn.Conv2d(64, 64, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2))
+        self.classifier = torch.nn.Sequential(
+            torch.nn.Linear(64 * 4 * 4, 200), torch.nn.ReLU(), torch.nn.Dropout(0.5),
+            torch.nn.Linear(200, 200), torch.nn.ReLU(), torch.nn.Linear(200, num_classes))
+
+    def forward(self, x):
+        return self.classifier(self.features(x).flatten(1))
+
+
+class BasicBlock(torch.nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(cout)
+        self.conv2 = torch.nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = torch.nn.BatchNorm2d(cout)
+        self.shortcut = torch.nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = torch.nn.Sequential(
+                torch.nn.Conv2d(cin, cout, 1, stride, bias=False), torch.nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet18(torch.nn.Module):
+    """The CIFAR ResNet-18 of the TRADES / Rice et al. code (torchvision layout, 3x3 stem)."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(64)
+        layers, cin = [], 64
+        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            for s in (stride, 1):
+                layers.append(BasicBlock(cin, cout, s))
+                cin = cout
+        self.layers = torch.nn.Sequential(*layers)
+        self.linear = torch.nn.Linear(512, num_classes)
+
+    def forward(self, x):
+        out = self.layers(F.relu(self.bn1(self.conv1(x))))
+        return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+# ----------------------------------------------------------------------------
+# The PyTorch Backward Smoothing step
+# ----------------------------------------------------------------------------
+def kl(p_logits, q_logits):
+    """Per-example KL(softmax(p) || softmax(q))."""
+    log_p, log_q = F.log_softmax(p_logits, 1), F.log_softmax(q_logits, 1)
+    return (log_p.exp() * (log_p - log_q)).sum(1)
+
+
+def clip(z, x, eps):
+    return torch.clamp(torch.min(torch.max(z, x - eps), x + eps), 0.0, 1.0)
+
+
+def torch_bs_step(model, opt, x, y, eps, concat):
+    """One Backward Smoothing training step (alpha = eps, gamma 1, 1 TRADES step, beta 6)."""
+    model.eval()
+    x_in = x.clone().requires_grad_(True)
+    logits = model(x_in)
+    z = logits.detach()
+    u = torch.rand_like(z) * 2 - 1
+    (grad,) = torch.autograd.grad(kl(z + GAMMA * u, logits).sum(), x_in)
+    x1 = clip(x - eps * grad.sign(), x, eps).requires_grad_(True)
+    (grad,) = torch.autograd.grad(kl(z, model(x1)).sum(), x1)
+    x_adv = clip(x1.detach() + eps * grad.sign(), x, eps).detach()
+    model.train()
+    if concat:
+        clean, adv = model(torch.cat([x, x_adv])).split(len(x))
+    else:
+        clean, adv = model(x), model(x_adv)
+    loss = (F.cross_entropy(clean, y, reduction="none") + BETA * kl(clean, adv)).mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss
+
+
+def torch_runner(net):
+    shape, batch, eps = NETS[net]
+    torch.manual_seed(0)
+    model = SmallCNN() if net == "small_cnn" else ResNet18()
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    g = torch.Generator().manual_seed(0)
+    h, w, c = shape
+    batches = [(torch.rand(batch, c, h, w, generator=g),
+                torch.randint(0, 10, (batch,), generator=g)) for _ in range(4)]
+    concat = net == "small_cnn"
+    for i in range(2):  # warm up
+        torch_bs_step(model, opt, *batches[i], eps, concat)
+
+    def run(steps):
+        start = time.perf_counter()
+        for i in range(steps):
+            torch_bs_step(model, opt, *batches[i % 4], eps, concat)
+        return (time.perf_counter() - start) / steps
+    return run
+
+
+# ----------------------------------------------------------------------------
+# Our step
+# ----------------------------------------------------------------------------
+def tf_runner(net, mode):
+    shape, batch, eps = NETS[net]
+    keras.utils.set_random_seed(0)
+    base = models.get(net, 10, shape)
+    model = RobustModel(base, method="backward_smoothing", epsilon=eps)
+    model.compile(optimizer=keras.optimizers.SGD(LR, momentum=MOMENTUM),
+                  jit_compile=MODES[mode])
+    rs = np.random.RandomState(0)
+    x = rs.rand(batch * 4, *shape).astype(np.float32)
+    y = rs.randint(0, 10, batch * 4)
+    ds = step_cost.bench_dataset(x, y, batch)
+    model.fit(ds, steps_per_epoch=3, epochs=1, verbose=0)  # trace, compile, warm up
+    info = f"xla={'on' if model.xla else 'off'} ({model.xla_reason})"
+    return (lambda steps: step_cost.time_steps(model, ds, steps)), info
+
+
+def load_note():
+    try:
+        return "load average (1, 5, 15 min) %.2f %.2f %.2f" % os.getloadavg()
+    except OSError:  # pragma: no cover
+        return "load average unavailable"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--nets", default="small_cnn,resnet18")
+    p.add_argument("--tf_modes", default="graph,auto",
+                   help="comma list of graph (jit_compile=False), xla (True), auto")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps_small", type=int, default=10, help="steps per round, SmallCNN")
+    p.add_argument("--steps_resnet", type=int, default=2, help="steps per round, ResNet-18")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    nets = args.nets.split(",")
+    modes = args.tf_modes.split(",")
+    bad = sorted(set(nets) - set(NETS)) + sorted(set(modes) - set(MODES))
+    if bad:
+        raise SystemExit(f"unknown --nets/--tf_modes value(s) {bad}")
+    threads = len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    print("before the run: " + load_note(), flush=True)
+
+    runners, infos = {}, {}
+    for net in nets:
+        runners[net, "torch"] = torch_runner(net)
+        for mode in modes:
+            runners[net, mode], infos[net, mode] = tf_runner(net, mode)
+            print(f"built {net} tf[{mode}]: {infos[net, mode]}", file=sys.stderr, flush=True)
+    times = {k: [] for k in runners}
+    for r in range(args.rounds):
+        for net in nets:
+            steps = args.steps_small if net == "small_cnn" else args.steps_resnet
+            # Alternate which framework goes first from round to round.
+            order = ["torch"] + modes if r % 2 == 0 else modes + ["torch"]
+            for fw in order:
+                times[net, fw].append(runners[net, fw](steps))
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(
+            f"{n}/{fw} {t[-1]:.3f}" for (n, fw), t in times.items()), file=sys.stderr, flush=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+
+    print(f"\nBackward Smoothing step, median of {args.rounds} alternated rounds; "
+          f"TF {tf.__version__} / Keras {keras.__version__} (model.fit), PyTorch "
+          f"{torch.__version__} eager ({threads} threads); {os.cpu_count()} CPUs; at the end: {load_note()}")
+    print(f"{'network':<11}{'batch':>6}  {'ours':<34}{'ours s/step':>12}"
+          f"{'torch s/step':>13}{'ours/torch throughput':>23}")
+    result = {}
+    for net in nets:
+        for mode in modes:
+            ratio = med[net, "torch"] / med[net, mode]
+            label = f"{mode}: {infos[net, mode]}"
+            print(f"{net:<11}{NETS[net][1]:>6}  {label[:34]:<34}{med[net, mode]:>12.3f}"
+                  f"{med[net, 'torch']:>13.3f}{ratio:>23.2f}")
+            result[f"{net}/{mode}"] = {"ours": med[net, mode], "torch": med[net, "torch"],
+                                       "ratio": ratio, "tf": infos[net, mode]}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "median_s_per_step": result,
+                       "rounds": {f"{n}/{fw}": t for (n, fw), t in times.items()}}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
