@@ -25,23 +25,15 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # toy_cnn.py: the model test_evaluation.py attacks
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from toy_cnn import trained_small_cnn  # noqa: E402
 
 from tf_backsmooth import data  # noqa: E402
 from tf_backsmooth import evaluation as ev  # noqa: E402
-
-
-def small_cnn():
-    return keras.Sequential([
-        keras.Input((28, 28, 1)),
-        keras.layers.Conv2D(8, 3, strides=2, activation="relu"),
-        keras.layers.Flatten(),
-        keras.layers.Dense(64, activation="relu"),
-        keras.layers.Dense(10),
-    ])
 
 
 def timed(fn, repeats):
@@ -70,10 +62,7 @@ def main():
                               num_examples=args.num_examples)
     x = np.asarray(x, np.float32) / 255.0
     xt = np.asarray(xt, np.float32) / 255.0
-    keras.utils.set_random_seed(0)
-    model = small_cnn()
-    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    model.fit(x, y, epochs=2, batch_size=64, verbose=0)
+    model = trained_small_cnn(x, y)
 
     eps, bs, n = args.epsilon, args.batch_size, len(xt)
     pgd_size = 2.5 * eps / 20

@@ -40,6 +40,16 @@ WONG = "experiments/mnist_fgsm_rs_wong.flags"
 SIX, THREE = "0,1,2,3,4,5", "0,1,2"
 VAL = ["--validation_size=1000", "--eval_every=1"]  # another data order, best-epoch selection
 OURS = ["--clip_start=true", "--normalize=true", "--init=keras"]  # our defaults before issue 11
+
+
+def _one_of_ours(prefix, flags, seeds, abouts):
+    """Wong's recipe with ``flags`` and ONE of OURS, a variant each: ``<prefix>_clip_start``,
+    ``<prefix>_normalize``, ``<prefix>_keras_init``, with their seeds and descriptions."""
+    names = ("clip_start", "normalize", "keras_init")
+    return {f"{prefix}_{name}": ("wong", WONG, flags + [flag], seed_list, about)
+            for name, flag, seed_list, about in zip(names, OURS, seeds, abouts)}
+
+
 # name -> (group, flagfile, extra flags, default seeds, what it tests)
 VARIANTS = {
     "trades": ("recipes", TRADES, [], SIX, "TRADES-10, the recipe flagfile"),
@@ -55,6 +65,9 @@ VARIANTS = {
                   "instead of piecewise (already 1e-4 there)"),
     "bs_cyclic": ("recipes", BS, ["--lr_schedule=cyclic"], SIX,
                   "BS recipe with Wong et al.'s cyclic learning rate (0 -> 1e-3 at 40 % -> 0)"),
+    "bs_step125": ("recipes", BS, ["--step_size=0.375"], "0,1",
+                   "BS recipe with step size 1.25 eps = 0.375 (Wong et al.'s FGSM ratio) instead of "
+                   "alpha = eps; stopped after 2 seeds (no gain)"),
     "pgd_at": ("recipes", PGD, [], "0,1", "PGD-AT with 40 steps of 0.01, the recipe flagfile"),
     "wong": ("wong", WONG, [], THREE, "Wong et al.'s FGSM-RS recipe, flag for flag"),
     "wong_initbug": ("wong", WONG, [], THREE,
@@ -67,18 +80,14 @@ VARIANTS = {
     "wong_ours_val": ("wong", WONG, VAL + OURS, THREE,
                       "... with the validation split and our three previous defaults: the command of "
                       "issue 11 that collapsed for seed 0"),
-    "wong_val_clip_start": ("wong", WONG, VAL + OURS[:1], "0,1",
-                            "wong_val with one of our defaults: the start clipped before the gradient pass"),
-    "wong_val_normalize": ("wong", WONG, VAL + OURS[1:2], "0",
-                           "wong_val with one of our defaults: normalisation by the MNIST mean and std"),
-    "wong_val_keras_init": ("wong", WONG, VAL + OURS[2:], "0",
-                            "wong_val with one of our defaults: Keras' initialisation"),
-    "wong_clip_start": ("wong", WONG, ["--clip_start=true"], THREE,
-                        "... but the random start is clipped to [0, 1] before the gradient pass"),
-    "wong_normalize": ("wong", WONG, ["--normalize=true"], THREE,
-                       "... but the network normalises by the MNIST mean and std"),
-    "wong_keras_init": ("wong", WONG, ["--init=keras"], THREE,
-                        "... but Keras' initialisation (Glorot uniform, zero bias)"),
+    **_one_of_ours("wong_val", VAL, ("0,1", "0", "0"), (
+        "wong_val with one of our defaults: the start clipped before the gradient pass",
+        "wong_val with one of our defaults: normalisation by the MNIST mean and std",
+        "wong_val with one of our defaults: Keras' initialisation")),
+    **_one_of_ours("wong", [], (THREE,) * 3, (
+        "... but the random start is clipped to [0, 1] before the gradient pass",
+        "... but the network normalises by the MNIST mean and std",
+        "... but Keras' initialisation (Glorot uniform, zero bias)")),
     "wong_ours": ("wong", WONG, OURS, THREE,
                   "... with all three of our previous defaults (clipped start, normalisation, "
                   "Keras init)"),

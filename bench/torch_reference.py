@@ -27,7 +27,8 @@ inputs, eps 0.3, SGD(0.01, momentum 0.9), as in ``bench/step_cost.py``:
    ``fit`` also pays Keras' per-call set-up (iterator, callbacks), which the bare
    PyTorch loop does not, so the comparison leans slightly against TF.
 
-Only this file imports torch; the toolkit does not depend on it.
+Only this file imports torch (``bench/vs_pytorch.py`` takes it, ``kl`` and ``clip``
+from here); the toolkit does not depend on it.
 """
 
 import argparse
@@ -45,7 +46,8 @@ try:
     import torch
     import torch.nn.functional as F
 except ImportError:  # pragma: no cover - depends on the machine
-    raise SystemExit("bench/torch_reference.py needs PyTorch: pip install torch==2.13.0") from None
+    raise SystemExit(f"bench/{pathlib.Path(sys.argv[0]).name} needs PyTorch: "
+                     "pip install torch==2.13.0") from None
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402

@@ -42,14 +42,11 @@ import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-
-try:
-    import torch
-    import torch.nn.functional as F
-except ImportError:  # pragma: no cover - depends on the machine
-    raise SystemExit("bench/vs_pytorch.py needs PyTorch: pip install torch==2.13.0") from None
+# PyTorch first, as before TensorFlow (bench/torch_reference.py exits with the
+# install command if it is missing), with the per-example KL and the eps-ball
+# clip of the PyTorch reference steps.
+from torch_reference import F, clip, kl, torch  # noqa: E402, I001
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -129,16 +126,6 @@ class ResNet18(torch.nn.Module):
 # ----------------------------------------------------------------------------
 # The PyTorch Backward Smoothing step
 # ----------------------------------------------------------------------------
-def kl(p_logits, q_logits):
-    """Per-example KL(softmax(p) || softmax(q))."""
-    log_p, log_q = F.log_softmax(p_logits, 1), F.log_softmax(q_logits, 1)
-    return (log_p.exp() * (log_p - log_q)).sum(1)
-
-
-def clip(z, x, eps):
-    return torch.clamp(torch.min(torch.max(z, x - eps), x + eps), 0.0, 1.0)
-
-
 def torch_bs_step(model, opt, x, y, eps, concat):
     """One Backward Smoothing training step (alpha = eps, gamma 1, 1 TRADES step, beta 6)."""
     model.eval()

@@ -184,6 +184,7 @@ def test_square_queries_must_be_positive():
         ev.evaluate(fn, x, y, 0.05, attacks="square", square_queries=0)
 
 
+@pytest.mark.slow  # a bin/evaluate subprocess
 def test_bin_evaluate_runs_square_alone(tmp_path):
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),

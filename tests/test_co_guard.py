@@ -457,6 +457,8 @@ def test_real_measurement_detects_masked_gradients(collapse_at):
     assert model.params.step_size == pytest.approx(0.125 * 0.5)
 
 
+@pytest.mark.slow
+@pytest.mark.multi_device
 def test_two_replicas_rollback_and_real_measurement():
     """Under a 2-replica MirroredStrategy: the real measurement runs, the
     rollback assigns every replica's copy and the retraced step trains on."""

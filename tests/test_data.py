@@ -402,10 +402,23 @@ def test_make_dataset_batches_dtypes_and_order():
     assert dropped.element_spec[0].shape.as_list() == [32, 28, 28, 1]
     repeated = data.make_dataset("mnist", "test", 32, data_dir=folder, num_examples=100,
                                  repeat=True)
-    assert len(list(repeated.take(9).as_numpy_iterator())) == 9
+    # Batches never span two epochs: the smaller last batch ends each one.
+    assert [len(b[1]) for b in repeated.take(9).as_numpy_iterator()] == [32, 32, 32, 4] * 2 + [32]
+    two = data.make_dataset("mnist", "test", 32, data_dir=folder, num_examples=100, epochs=2)
+    assert [len(b[1]) for b in _epoch(two)] == [32, 32, 32, 4] * 2
     for bad in (0, -4, 3.0):
         with pytest.raises(DataError, match="batch_size"):
             data.make_dataset("mnist", "test", bad, data_dir=folder)
+    for kwargs, match in ((dict(epochs=2, repeat=True), "not both"),
+                          (dict(first_epoch=-1), "first_epoch"),
+                          (dict(first_epoch=3, epochs=2), "epochs must be an integer >= 3"),
+                          (dict(epochs=1.5), "epochs"),
+                          (dict(seed=-1), "seed"), (dict(seed=2**31), "seed")):
+        with pytest.raises(DataError, match=match):
+            data.make_dataset("mnist", "test", 32, data_dir=folder, **kwargs)
+    with pytest.raises(DataError, match="drops every batch"):
+        data.make_dataset("mnist", "test", 128, data_dir=folder, num_examples=100,
+                          drop_remainder=True)
 
 
 def test_pipelines_run_without_tf_data_autotuning():
@@ -424,7 +437,7 @@ def test_pipelines_run_without_tf_data_autotuning():
     assert len(list(ds.as_numpy_iterator())) == 2
 
 
-def test_make_dataset_shuffling_is_seeded_and_reshuffles():
+def test_make_dataset_shuffling_is_keyed_on_seed_and_epoch():
     folder = shared_mnist_dir()
     kwargs = dict(data_dir=folder, num_examples=64, validation_size=1000)
     _, y = data.load_arrays("mnist", "train", **kwargs)
@@ -432,17 +445,104 @@ def test_make_dataset_shuffling_is_seeded_and_reshuffles():
     def labels(ds):
         return np.concatenate([b[1] for b in ds.as_numpy_iterator()])
 
-    ds = data.make_dataset("mnist", "train", 16, seed=1, **kwargs)  # shuffled by default
-    epoch1, epoch2 = labels(ds), labels(ds)
-    assert sorted(epoch1) == sorted(y) and not np.array_equal(epoch1, y)
-    assert not np.array_equal(epoch1, epoch2)  # reshuffled every epoch
-    again = data.make_dataset("mnist", "train", 16, seed=1, **kwargs)
-    np.testing.assert_array_equal(labels(again), epoch1)
-    np.testing.assert_array_equal(labels(again), epoch2)
+    ds = data.make_dataset("mnist", "train", 16, seed=1, epochs=2, **kwargs)  # shuffled by default
+    epoch0, epoch1 = labels(ds).reshape(2, 64)
+    assert sorted(epoch0) == sorted(y) == sorted(epoch1) and not np.array_equal(epoch0, y)
+    assert not np.array_equal(epoch0, epoch1)  # a new order every epoch
+    np.testing.assert_array_equal(labels(ds), np.concatenate([epoch0, epoch1]))  # replayed
+    # epochs=None: one epoch per iteration, the next epoch each time (as fit iterates it).
+    one = data.make_dataset("mnist", "train", 16, seed=1, **kwargs)
+    np.testing.assert_array_equal(labels(one), epoch0)
+    np.testing.assert_array_equal(labels(one), epoch1)
+    later = data.make_dataset("mnist", "train", 16, seed=1, first_epoch=1, **kwargs)
+    np.testing.assert_array_equal(labels(later), epoch1)
+    # ... with the augmentation of the same global steps as the epochs=2 pipeline.
+    def images(ds):
+        return np.concatenate([b[0] for b in ds.as_numpy_iterator()])
+
+    both = images(data.make_dataset("mnist", "train", 16, seed=1, epochs=2, augment=True, **kwargs))
+    each = data.make_dataset("mnist", "train", 16, seed=1, augment=True, **kwargs)
+    np.testing.assert_array_equal(np.concatenate([images(each), images(each)]), both)
+    # Keyed on the epoch number: a run resumed at epoch 1 sees what it would have seen.
+    resumed = data.make_dataset("mnist", "train", 16, seed=1, first_epoch=1, epochs=2, **kwargs)
+    np.testing.assert_array_equal(labels(resumed), epoch1)
+    stream = data.make_dataset("mnist", "train", 16, seed=1, repeat=True, **kwargs)
+    np.testing.assert_array_equal(np.concatenate([b[1] for b in stream.take(8)]),
+                                  np.concatenate([epoch0, epoch1]))
     other = data.make_dataset("mnist", "train", 16, seed=2, **kwargs)
-    assert not np.array_equal(labels(other), epoch1)
+    assert not np.array_equal(labels(other), epoch0)
     unshuffled = data.make_dataset("mnist", "train", 16, shuffle=False, **kwargs)
     np.testing.assert_array_equal(labels(unshuffled), y)
+
+
+def _pipeline_before_issue_14(x, y, info, batch_size, seed, first_epoch, epochs, augment):
+    """``train_lib.train_dataset`` as bin/train used it before issue 14 moved
+    the pipeline into ``data.make_dataset``, verbatim: bin/train's batches must
+    stay bit-identical to it (the quickstart's numbers, resumes of older runs)."""
+    import tensorflow as tf
+
+    from tf_backsmooth import rng
+
+    n = len(y)
+    steps = n // batch_size
+    images = tf.constant(x)
+    labels = tf.constant(y.astype(np.int32))
+
+    def epoch_indices(epoch):
+        order = tf.argsort(rng.uniform([n], rng.fold_in(seed, epoch)))
+        return tf.data.Dataset.from_tensor_slices(
+            order[: steps * batch_size]).batch(batch_size)
+
+    ds = tf.data.Dataset.range(first_epoch, epochs).flat_map(epoch_indices)
+    ds = ds.enumerate(start=first_epoch * steps)
+
+    def load(step, index):
+        batch = tf.gather(images, index)
+        if augment:
+            batch = data.augment_batch(
+                batch, rng.fold_in(rng.fold_in(seed, rng.AUGMENT), step),
+                data.CROP_PADDING, info.hflip)
+        return tf.cast(batch, tf.float32) / 255.0, tf.gather(labels, index)
+
+    return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def test_bin_train_batches_are_make_dataset_batches(tmp_path):
+    """bin/train's pipeline (``train_lib.run`` -> ``train_lib.train_batches``)
+    is ``make_dataset(split="train")``: same batches for the same seed, equal
+    to the pipeline of before issue 14, and resumable from any epoch."""
+    from tf_backsmooth import config as config_lib
+    from tf_backsmooth import train_lib
+
+    _write_augmentation_data(tmp_path, "cifar10")  # 48 images; crop + flip by default
+    # 40 training images after the carve, the first 35 kept: 4 batches of 8 per
+    # epoch and 3 images dropped (different ones every epoch).
+    config = config_lib.TrainConfig(dataset="cifar10", data_dir=str(tmp_path), validation_size=8,
+                                    num_train_examples=35, batch_size=8, epochs=3, seed=5,
+                                    model_dir=str(tmp_path / "run"))
+
+    def batches(ds):
+        return list(ds.as_numpy_iterator())
+
+    ours = batches(train_lib.train_batches(config, first_epoch=0))
+    users = batches(data.make_dataset("cifar10", "train", 8, data_dir=tmp_path, seed=5,
+                                      validation_size=8, num_examples=35, epochs=3))
+    info, train, _, _ = train_lib.load_data(config)
+    before = batches(_pipeline_before_issue_14(train[0], train[1], info, 8, 5, 0, 3, True))
+    wrapper, steps = train_lib.train_dataset(train[0], train[1], info, 8, 5, 0, 3, True)
+    assert steps == 4 and len(ours) == len(users) == len(before) == 12
+    for other in (users, before, batches(wrapper)):
+        for (x1, y1), (x2, y2) in zip(ours, other, strict=True):
+            np.testing.assert_array_equal(x1, x2)
+            np.testing.assert_array_equal(y1, y2)
+    assert ours[0][0].shape == (8, 32, 32, 3) and ours[0][0].dtype == np.float32
+    assert not np.array_equal(ours[0][0], ours[4][0])  # augmented, reordered every epoch
+    resumed = batches(train_lib.train_batches(config, first_epoch=2))
+    assert len(resumed) == 4
+    for (x1, y1), (x2, y2) in zip(ours[8:], resumed, strict=True):
+        np.testing.assert_array_equal(x1, x2)
+        np.testing.assert_array_equal(y1, y2)
+    assert batches(train_lib.train_batches(config, first_epoch=3)) == []  # all epochs done
 
 
 def _crop_of(aug, image, padding=4):
@@ -481,9 +581,8 @@ def _write_augmentation_data(tmp_path, name):
 def test_augmentation_is_a_padded_crop_and_flip(tmp_path, name):
     images = _write_augmentation_data(tmp_path, name)
     kwargs = dict(data_dir=tmp_path, validation_size=0, shuffle=False, seed=7)
-    ds = data.make_dataset(name, "train", 16, **kwargs)  # augmented by default
-    epoch1 = np.concatenate([b[0] for b in ds.as_numpy_iterator()])
-    epoch2 = np.concatenate([b[0] for b in ds.as_numpy_iterator()])
+    ds = data.make_dataset(name, "train", 16, epochs=2, **kwargs)  # augmented by default
+    epoch1, epoch2 = np.split(np.concatenate([b[0] for b in ds.as_numpy_iterator()]), 2)
     assert epoch1.shape == images.shape and epoch1.dtype == np.float32
     assert 0.0 <= epoch1.min() and epoch1.max() <= 1.0
     assert (epoch1 == 0).any()  # zero padding shows up

@@ -36,6 +36,7 @@ def _two():
     return two_replica_strategy()
 
 
+@pytest.mark.slow  # two fits per case, compiled under a 2-replica strategy
 @pytest.mark.parametrize("jit", [False, True])
 @pytest.mark.parametrize("method,kw", [
     ("natural", {}),
@@ -60,6 +61,7 @@ def test_two_replicas_match_one_device(method, kw, jit):
         assert h1["epsilon"][0] == pytest.approx(h2["epsilon"][0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jit", [False, True])
 def test_backward_smoothing_with_batchnorm_trains_under_mirrored(jit):
     model, h = _fit(_two(), "backward_smoothing", jit, batchnorm=True, epsilon=0.1)

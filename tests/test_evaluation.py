@@ -16,6 +16,7 @@ import pytest
 import reference as ref
 import tensorflow as tf
 from conftest import MODES, REPO, run_in_mode, shared_data_dir
+from toy_cnn import trained_small_cnn
 
 from tf_backsmooth import evaluation as ev
 
@@ -56,24 +57,10 @@ def mnist():
     return path, x, y, xt, yt
 
 
-def _small_cnn():
-    return keras.Sequential([
-        keras.Input((28, 28, 1)),
-        keras.layers.Conv2D(8, 3, strides=2, activation="relu"),
-        keras.layers.Flatten(),
-        keras.layers.Dense(64, activation="relu"),
-        keras.layers.Dense(10),
-    ])
-
-
 @pytest.fixture(scope="module")
 def model(mnist):
     _, x, y, _, _ = mnist
-    keras.utils.set_random_seed(0)
-    m = _small_cnn()
-    m.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    m.fit(x, y, epochs=2, batch_size=64, verbose=0)
-    return m
+    return trained_small_cnn(x, y)
 
 
 @pytest.fixture(scope="module")
@@ -263,6 +250,7 @@ def test_adversarial_examples_stay_in_ball(model, mnist, attack):
     assert 0 < robust.mean() < 1
 
 
+@pytest.mark.slow  # five attacks at two epsilons on 300 images
 def test_evaluate_report_and_attack_ordering(model, mnist):
     _, _, _, xt, yt = mnist
     x, y = xt[:300], yt[:300]
@@ -289,6 +277,7 @@ def test_evaluate_report_and_attack_ordering(model, mnist):
     assert "worst case" in table and "apgd_t" in table
 
 
+@pytest.mark.slow  # two evaluate() runs with APGD
 def test_autoattack_lite_equals_apgd_ce_and_apgd_t(model, mnist):
     _, _, _, xt, yt = mnist
     x, y = xt[300:500], yt[300:500]
@@ -316,6 +305,7 @@ def test_restarts_never_weaker_and_robust_accuracy_helper(model, mnist):
     assert report["robust_accuracy"] == one
 
 
+@pytest.mark.slow  # two evaluate() runs, one compiled with XLA
 def test_xla_and_batch_size_do_not_change_results(model, mnist):
     _, _, _, xt, yt = mnist
     x, y = xt[:100], yt[:100]
@@ -420,6 +410,7 @@ def _run(args, cwd):
                           capture_output=True, text=True, timeout=240)
 
 
+@pytest.mark.slow
 def test_bin_evaluate_end_to_end(saved_run, mnist, tmp_path):
     data_dir = mnist[0]
     out, plot = tmp_path / "report.json", tmp_path / "acc.png"
@@ -458,6 +449,7 @@ BAD_FLAGS = [
 ]
 
 
+@pytest.mark.slow  # a bin/evaluate subprocess per case
 @pytest.mark.parametrize("args,flag", BAD_FLAGS, ids=[" ".join(a) or "none" for a, _ in BAD_FLAGS])
 def test_bin_evaluate_bad_flags(saved_run, mnist, tmp_path, args, flag):
     proc = _run([f"--model_path={saved_run}", f"--data_dir={mnist[0]}"] + args, tmp_path)
@@ -469,6 +461,7 @@ def test_bin_evaluate_bad_flags(saved_run, mnist, tmp_path, args, flag):
     assert proc.stdout == ""
 
 
+@pytest.mark.slow  # a bin/evaluate subprocess per case
 @pytest.mark.parametrize("kind", ["missing", "no_model_in_dir", "not_a_model"])
 def test_bin_evaluate_bad_model_path(tmp_path, kind):
     path = {"missing": tmp_path / "nope.keras", "no_model_in_dir": tmp_path,
@@ -482,6 +475,7 @@ def test_bin_evaluate_bad_model_path(tmp_path, kind):
 # ----------------------------------------------------------------------------
 # Cross-check against Foolbox 3
 # ----------------------------------------------------------------------------
+@pytest.mark.slow  # our PGD and Foolbox's on 500 images
 def test_pgd_agrees_with_foolbox(model, mnist):
     fb = pytest.importorskip("foolbox", reason="foolbox (and eagerpy) not installed")
     _, _, _, xt, yt = mnist

@@ -158,6 +158,7 @@ _RELOAD_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a subprocess per model
 def test_saved_models_reload_with_plain_keras(tmp_path):
     """One subprocess that cannot import tf_backsmooth reloads every model."""
     expected, paths = {}, []
@@ -208,6 +209,7 @@ def test_torch_init_draws_kernels_and_biases_like_pytorch():
         models.get("mlp", 10, MNIST, init="he")
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_package_exposes_its_modules_lazily():
     """`import tf_backsmooth as tbs; tbs.models.get(...)` etc. work without
     importing the submodules first (issue 14)."""

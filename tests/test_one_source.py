@@ -79,3 +79,26 @@ def test_read_json(tmp_path):
         fileio.read_json(path)
     fileio.write_json(path, {"a": [1, 2]})
     assert fileio.read_json(path) == {"a": [1, 2]}
+
+
+def test_method_keyword_flags_come_from_the_registry():
+    """Every keyword a registered method accepts (``Method.keywords``) is a
+    bin/train flag (``flags._METHOD_KWARG_FLAGS``) or deliberately not one
+    (``flags._UNFLAGGED_METHOD_KWARGS``), and every such flag is some method's
+    keyword, passed on only when set."""
+    from absl import flags as absl_flags
+
+    from tf_backsmooth import flags as tbs_flags
+
+    flagged = set(tbs_flags._METHOD_KWARGS)
+    unflagged = set(tbs_flags._UNFLAGGED_METHOD_KWARGS)
+    assert not flagged & unflagged
+    assert flagged | unflagged == set(methods.keyword_names())
+    for name in methods.names():
+        assert set(methods.get(name).keywords) <= flagged | unflagged, name
+    fv = absl_flags.FlagValues()
+    tbs_flags.define_flags(fv)
+    fv(["bin/train", "--method=fgsm_rs", "--clip_start=false", "--init_scale=0.5"])
+    assert all(fv[name].default is None for name in flagged)
+    assert tbs_flags.config_from_flags(fv).method_kwargs == {"clip_start": False,
+                                                             "init_scale": 0.5}

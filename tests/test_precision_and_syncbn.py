@@ -77,6 +77,7 @@ def _bn_fit(strategy, synchronized):
     return model
 
 
+@pytest.mark.slow
 def test_sync_batchnorm_two_replicas_match_one_device():
     one = _bn_fit(tf.distribute.get_strategy(), False)
     synced = _bn_fit(two_replica_strategy(), True)

@@ -75,6 +75,7 @@ def test_attack_runs_in_inference_mode_and_keeps_batchnorm_stats():
     assert calls == [False, False, True, True]
 
 
+@pytest.mark.slow  # a subprocess
 def test_save_exports_plain_keras_model_loadable_without_package(tmp_path):
     base = _cnn(batchnorm=True)
     model = RobustModel(base, epsilon=0.1)
@@ -172,6 +173,7 @@ def test_logs_terms_and_accuracies():
     assert set(result) == {"loss", "clean_accuracy"}
 
 
+@pytest.mark.slow  # trains two models on real MNIST
 def test_end_to_end_real_mnist_backward_smoothing_beats_natural(mnist_dir):
     from tf_backsmooth import data, models
     x, y = data.load_arrays("mnist", "train", str(mnist_dir), num_examples=4000)

@@ -99,6 +99,7 @@ def _two_replica_fit(model, x, y):
     return model.fit(ds, epochs=1, verbose=0)
 
 
+@pytest.mark.slow
 @pytest.mark.multi_device
 @pytest.mark.parametrize("jit", [False, True])
 @pytest.mark.parametrize("start,change,fresh", [CHANGES[2], CHANGES[4]],

@@ -15,7 +15,8 @@ from conftest import REPO, shared_data_dir
 from tf_backsmooth import config as config_lib
 from tf_backsmooth import flags as tbs_flags
 
-pytestmark = pytest.mark.slow
+# In-process flag and helper tests are fast; every test that runs bin/train (or
+# another interpreter) is marked slow.
 
 TRAIN = [sys.executable, str(REPO / "bin" / "train")]
 
@@ -96,6 +97,7 @@ def _run(args, timeout=300, **kw):
     (["--dataset=mnist", "--data_dir=/nonexistent/mnist"], "/nonexistent/mnist"),
     (["--batch_size=100000", "--dataset=mnist", "--num_train_examples=500"], "batch_size"),
 ])
+@pytest.mark.slow
 def test_cli_errors_are_one_line_without_traceback(args, needle, tmp_path, mnist_dir):
     args = [a.replace("--data_dir=/nonexistent", "--data_dir=/nonexistent") for a in args]
     if "--dataset=mnist" in args and not any(a.startswith("--data_dir") for a in args):
@@ -130,6 +132,7 @@ def finished_run(tmp_path_factory):
     return run_dir, proc
 
 
+@pytest.mark.slow
 def test_run_directory_contents(finished_run):
     run_dir, proc = finished_run
     for name in ("flags.txt", "config.json", "manifest.json", "results.json",
@@ -150,6 +153,7 @@ def test_run_directory_contents(finished_run):
     assert "robust test accuracy" in proc.stdout
 
 
+@pytest.mark.slow
 def test_exported_model_loads_with_plain_keras_and_reproduces_accuracy(finished_run, mnist_dir):
     run_dir, _ = finished_run
     from tf_backsmooth import data
@@ -168,6 +172,7 @@ def test_exported_model_loads_with_plain_keras_and_reproduces_accuracy(finished_
     assert float(proc.stdout.strip().splitlines()[-1]) == pytest.approx(results["clean_accuracy"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_tensorboard_events_hold_scalars_and_images(finished_run):
     import tensorflow as tf
     run_dir, _ = finished_run
@@ -190,6 +195,7 @@ def test_tensorboard_events_hold_scalars_and_images(finished_run):
     assert sorted(steps["clean_adversarial_perturbation"]) == [0, 1, 2, 3]
 
 
+@pytest.mark.slow
 def test_finished_run_is_not_overwritten(finished_run, mnist_dir):
     run_dir, _ = finished_run
     before = (run_dir / "results.json").read_text(), (run_dir / "flags.txt").read_text()
@@ -199,6 +205,7 @@ def test_finished_run_is_not_overwritten(finished_run, mnist_dir):
     assert ((run_dir / "results.json").read_text(), (run_dir / "flags.txt").read_text()) == before
 
 
+@pytest.mark.slow
 def test_resume_after_kill_matches_uninterrupted_run(finished_run, mnist_dir, tmp_path):
     full_dir, _ = finished_run
     run_dir = tmp_path / "killed"
@@ -258,6 +265,7 @@ def _one_line_error(proc):
     return line
 
 
+@pytest.mark.slow
 def test_kill_during_final_evaluation_resumes_into_it(finished_run, mnist_dir, tmp_path):
     """SIGKILL as soon as the final test evaluation starts: the backup is
     still there, so the same command trains no epoch again and writes the
@@ -283,6 +291,7 @@ def test_kill_during_final_evaluation_resumes_into_it(finished_run, mnist_dir, t
     assert not (run_dir / "backup").exists()
 
 
+@pytest.mark.slow
 def test_second_run_on_the_same_directory_is_refused(mnist_dir, tmp_path):
     run_dir = tmp_path / "busy"
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
@@ -312,6 +321,7 @@ def _mount_tmpfs(path, options):
         pytest.skip(f"cannot mount a tmpfs: {proc.stderr.strip()}")
 
 
+@pytest.mark.slow
 def test_disk_full_exits_with_one_line_and_the_same_command_resumes(finished_run, mnist_dir,
                                                                      tmp_path):
     """On a 7 MB tmpfs the second epoch's checkpoint does not fit: exit 1,
@@ -334,6 +344,7 @@ def test_disk_full_exits_with_one_line_and_the_same_command_resumes(finished_run
         subprocess.run(["umount", str(mount)])
 
 
+@pytest.mark.slow
 def test_invalid_or_unwritable_run_directories_fail_before_training(tmp_path, mnist_dir):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
@@ -357,6 +368,7 @@ def test_invalid_or_unwritable_run_directories_fail_before_training(tmp_path, mn
             subprocess.run(["umount", str(locked)])
 
 
+@pytest.mark.slow
 def test_help_lists_the_project_flags():
     for flag in ("--help", "--helpshort"):
         proc = subprocess.run(TRAIN + [flag], capture_output=True, text=True, timeout=120)
@@ -365,6 +377,7 @@ def test_help_lists_the_project_flags():
             assert name in proc.stdout, (flag, name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("program", ["evaluate", "train"])
 def test_closed_pipe_ends_quietly(program):
     """`bin/evaluate --help | head`: the reader is gone before the writer."""
@@ -385,6 +398,7 @@ def test_every_experiment_flagfile_is_valid_and_documented(path):
     assert config.model_dir.startswith("runs/")
 
 
+@pytest.mark.slow
 def test_co_guard_run_through_bin_train(tmp_path, mnist_dir):
     run_dir = tmp_path / "guarded"
     proc = _run(_tiny(run_dir, mnist_dir, "--method=fgsm_rs", "--epochs=2", "--co_guard",
@@ -471,6 +485,7 @@ def test_failure_detector_stops_only_at_full_epsilon_with_a_large_gap():
     assert failed is not None and not stop
 
 
+@pytest.mark.slow
 def test_failed_run_restarts_with_a_new_seed_and_keeps_the_failed_attempt(tmp_path, mnist_dir):
     """With --failure_gap=0 any epoch whose training-attack accuracy exceeds its
     validation PGD accuracy counts as failed: the first attempt stops after

@@ -170,26 +170,30 @@ class COGuardDefaults:
     by ``co_guard.COGuard``'s constructor and by the ``co_guard_*`` fields of
     :class:`TrainConfig` (hence ``bin/train``'s flags). 128 examples every 200
     steps with PGD-10 cost 2.75 % extra gradient evaluations for FGSM-RS at
-    batch 128 (docs/CO_GUARD.md)."""
+    batch 128 (docs/CO_GUARD.md). Its values are those of :data:`CO_GUARD`."""
 
     # The measurement: PGD-k and FGSM accuracy on a fixed training subset.
-    every_steps: int = 200
-    examples: int = 128
-    pgd_steps: int = 10
+    every_steps: int
+    examples: int
+    pgd_steps: int
     # The collapse rule (co_guard.collapse_detected) over the last `window`.
-    rule: str = "drop_and_gap"
-    drop: float = 0.2
-    gap: float = 0.2
-    floor: float = 0.05
-    window: int = 5
+    rule: str
+    drop: float
+    gap: float
+    floor: float
+    window: int
     # What a collapse does after the rollback.
-    policy: str = "shrink_step"
-    factor: float = 0.5
-    fallback: str = "backward_smoothing"
-    max_collapses: int = 3
+    policy: str
+    factor: float
+    fallback: str
+    max_collapses: int
 
 
-CO_GUARD = COGuardDefaults()
+#: The CO guard's defaults (the only COGuardDefaults).
+CO_GUARD = COGuardDefaults(
+    every_steps=200, examples=128, pgd_steps=10,
+    rule="drop_and_gap", drop=0.2, gap=0.2, floor=0.05, window=5,
+    policy="shrink_step", factor=0.5, fallback="backward_smoothing", max_collapses=3)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -62,14 +62,23 @@ whatever the run seed.
 Pipeline
 --------
 :func:`make_dataset` yields ``(x, y)`` batches: ``x`` float32 in ``[0, 1]`` of
-shape ``[B, H, W, C]``, ``y`` int32 ``[B]``. Shuffling reshuffles every epoch
-and is deterministic from ``seed``. Augmentation (default: training split of
+shape ``[B, H, W, C]``, ``y`` int32 ``[B]``. It is the one pipeline:
+``bin/train`` trains on ``make_dataset(name, "train", ...)`` (through
+``train_lib.train_batches``), so ``model.fit`` in user code sees exactly
+``bin/train``'s batches for the same seed. Its rules
+(:func:`dataset_from_arrays`): epoch ``e``'s order is a permutation keyed on
+``(seed, e)`` with :mod:`tf_backsmooth.rng` (shuffling is on by default for
+"train"), so a run resumed at epoch ``e`` (``first_epoch=e``) sees exactly the
+batches of an uninterrupted one; incomplete final batches are dropped by
+default for "train"; ``epochs=E`` yields epochs ``first_epoch .. E-1`` as one
+stream (give ``model.fit`` ``steps_per_epoch``), ``epochs=None`` one epoch,
+``repeat=True`` an unbounded stream. Augmentation (default: training split of
 CIFAR/SVHN) is the standard "random crop with 4 pixels of ZERO padding" of the
 reference PyTorch code (``transforms.RandomCrop(32, padding=4)``, whose default
 padding mode is constant 0), plus a random horizontal flip for CIFAR only (a
 flipped digit is not the same digit). It runs on whole batches
-(:func:`augment_batch`) with stateless random ops seeded from a
-``tf.data.Dataset.random`` stream, so it is
+(:func:`augment_batch`) with stateless random ops seeded from the global step
+``t`` (``rng.fold_in(rng.fold_in(seed, rng.AUGMENT), t)``), so it is
 deterministic from ``seed`` and differs between epochs. Batches use the GLOBAL
 batch size (a ``tf.distribute`` strategy splits them).
 """
@@ -670,49 +679,160 @@ def finish_pipeline(ds):
     return ds.prefetch(PREFETCH_BATCHES).with_options(options)
 
 
-def make_dataset(name, split, batch_size, data_dir=None, shuffle=None, seed=0,
-                 augment=None, num_examples=None, validation_size=None,
-                 drop_remainder=False, repeat=False, *, download=False):
-    """A batched ``tf.data.Dataset`` of ``(x float32 [B,H,W,C] in [0,1], y int32 [B])``.
+def _check_epochs(first_epoch, epochs, repeat):
+    """Validated ``(first_epoch, epochs or None)``: ``epochs=None`` means one
+    epoch, or an unbounded stream with ``repeat``."""
+    first_epoch = _check_count(first_epoch, "first_epoch", 0)
+    if epochs is None:
+        return first_epoch, None if repeat else first_epoch + 1
+    if repeat:
+        raise DataError(
+            f"pass epochs={epochs!r} or repeat=True, not both: epochs ends the stream, "
+            "repeat makes it unbounded."
+        )
+    return first_epoch, _check_count(epochs, "epochs", first_epoch)
 
-    ``batch_size`` is the GLOBAL batch size. ``shuffle`` defaults to True for
-    "train"; it reshuffles every epoch, deterministically from ``seed``.
-    ``augment`` defaults to ``info.augment and split == "train"`` (zero-padded
-    random crop, plus horizontal flip for CIFAR). The carve into
-    train/validation always uses :data:`CARVE_SEED`, not ``seed``. The result
-    is finished by :func:`finish_pipeline`, so tf.data autotuning is off for it
-    and for stages a caller appends; re-enable it with
-    ``ds.with_options(opts)`` where ``opts.autotune.enabled = True``.
+
+def _check_seed(seed):
+    """A run seed as ``bin/train`` takes it (``rng`` keys on it as int32)."""
+    if _check_count(seed, "seed", 0) > 2**31 - 1:
+        raise DataError(f"seed must be an integer in [0, 2**31 - 1], got {seed!r}.")
+
+
+def dataset_from_arrays(x, y, batch_size, *, seed=0, shuffle=True, augment=False,
+                        hflip=False, drop_remainder=True, first_epoch=0, epochs=None,
+                        repeat=False):
+    """THE batching pipeline, on arrays: batches of epochs ``first_epoch .. epochs-1``.
+
+    ``x`` uint8 ``[N, H, W, C]`` and ``y`` integer ``[N]`` (as from
+    :func:`load_arrays`) become ``(x float32 in [0, 1], y int32)`` batches of
+    ``batch_size``. :func:`make_dataset` (hence ``bin/train``) calls it; the
+    rules, which make a resumed run see exactly an uninterrupted run's batches:
+
+    * Epoch ``e``'s order is the permutation ``argsort(rng.uniform([N],
+      rng.fold_in(seed, e)))`` if ``shuffle`` (else the arrays' order): keyed on
+      the epoch number, not on how many epochs this pipeline has produced.
+    * ``drop_remainder`` drops each epoch's incomplete final batch (so every
+      step has the global batch size); otherwise it is kept, smaller. Batches
+      never span two epochs.
+    * The batches are numbered by global step ``t`` from ``first_epoch *
+      steps_per_epoch``; augmentation (zero-padded random crop, plus a
+      horizontal flip if ``hflip``: :func:`augment_batch`) of step ``t`` is
+      seeded with ``rng.fold_in(rng.fold_in(seed, rng.AUGMENT), t)``.
+    * ``epochs=E`` gives epochs ``first_epoch .. E-1``, and iterating the
+      dataset again replays them; ``repeat=True`` an unbounded stream of epochs
+      ``first_epoch, first_epoch + 1, ...``; ``epochs=None`` one epoch per
+      iteration: the first iteration is epoch ``first_epoch``, the next one
+      ``first_epoch + 1`` and so on (a host-side counter), so ``model.fit(ds,
+      epochs=5)`` sees ``bin/train``'s five epochs. Build such a dataset
+      outside ``strategy.scope()`` (its counter is a plain variable).
+
+    The result is deterministic given how many times it has been iterated.
+    It is finished by :func:`finish_pipeline` (tf.data autotuning off).
+    Raises DataError for a bad argument or a batch size that drops every
+    example.
     """
     import tensorflow as tf
 
+    from tf_backsmooth import rng
+
+    batch_size = _check_count(batch_size, "batch_size", 1)
+    _check_seed(seed)
+    # A counter only where the epoch changes the batches (shuffled or augmented).
+    per_iteration = epochs is None and not repeat and (shuffle or augment)
+    first_epoch, epochs = _check_epochs(first_epoch, epochs, repeat)
+    n = len(y)
+    steps = n // batch_size if drop_remainder else -(-n // batch_size)
+    if steps == 0:
+        raise DataError(
+            f"batch_size={batch_size} is larger than the {n} examples and "
+            "drop_remainder=True drops every batch; lower batch_size."
+        )
+    images = tf.constant(x)
+    labels = tf.constant(np.asarray(y).astype(np.int32))
+
+    def epoch_indices(epoch):
+        if shuffle:
+            order = tf.argsort(rng.uniform([n], rng.fold_in(seed, epoch)))
+        else:
+            order = tf.range(n, dtype=tf.int32)
+        if drop_remainder:  # whole batches only (a static batch dimension too)
+            order = order[: steps * batch_size]
+        batches = tf.data.Dataset.from_tensor_slices(order).batch(
+            batch_size, drop_remainder=drop_remainder)
+        # Global step numbers of this epoch's batches (the augmentation key).
+        epoch = tf.cast(epoch, tf.int64)
+        return tf.data.Dataset.zip(
+            (tf.data.Dataset.range(epoch * steps, (epoch + 1) * steps), batches))
+
+    if per_iteration:
+        with tf.init_scope():
+            next_epoch = tf.Variable(first_epoch, dtype=tf.int64, trainable=False)
+        epoch_numbers = tf.data.Dataset.from_tensors(np.int64(0)).map(
+            lambda _: next_epoch.assign_add(1) - 1)
+    elif epochs is None:
+        epoch_numbers = tf.data.Dataset.counter(first_epoch)
+    else:
+        epoch_numbers = tf.data.Dataset.range(first_epoch, epochs)
+    ds = epoch_numbers.flat_map(epoch_indices)
+    if epochs is not None:  # flat_map hides the length; fit and len() want it
+        ds = ds.apply(tf.data.experimental.assert_cardinality((epochs - first_epoch) * steps))
+
+    def load(step, index):
+        batch = tf.gather(images, index)
+        if augment:
+            batch = augment_batch(batch, rng.fold_in(rng.fold_in(seed, rng.AUGMENT), step),
+                                  CROP_PADDING, hflip)
+        return tf.cast(batch, tf.float32) / 255.0, tf.gather(labels, index)
+
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return finish_pipeline(ds)
+
+
+def make_dataset(name, split, batch_size, data_dir=None, shuffle=None, seed=0,
+                 augment=None, num_examples=None, validation_size=None,
+                 drop_remainder=None, repeat=False, *, first_epoch=0, epochs=None,
+                 download=False):
+    """A batched ``tf.data.Dataset`` of ``(x float32 [B,H,W,C] in [0,1], y int32 [B])``.
+
+    The one pipeline: ``bin/train`` trains on ``make_dataset(name, "train",
+    batch_size, seed=seed, first_epoch=..., epochs=...)``; see
+    :func:`dataset_from_arrays` for the rules. ``batch_size`` is the GLOBAL
+    batch size. Defaults by split:
+
+    * ``shuffle``: True for "train" (epoch ``e``'s order is keyed on
+      ``(seed, e)``), False otherwise (the split's order).
+    * ``augment``: ``info.augment and split == "train"`` (zero-padded random
+      crop, plus horizontal flip for CIFAR), keyed on the global step.
+    * ``drop_remainder``: True for "train" (every step has the global batch
+      size), False otherwise (the last batch of an epoch may be smaller).
+
+    ``epochs=None`` yields one epoch per iteration (``first_epoch`` first,
+    then the next one each time the dataset is iterated again), so
+    ``model.fit(ds, epochs=5)`` trains on ``bin/train``'s five epochs; build it
+    outside ``strategy.scope()``. ``epochs=E`` yields epochs ``first_epoch ..
+    E-1`` in one iteration (and replays them when iterated again; give
+    ``model.fit`` ``steps_per_epoch``, as ``bin/train`` does), ``repeat=True``
+    an unbounded stream. A resumed run passes ``first_epoch`` (the epochs
+    already done) and sees exactly the rest of an uninterrupted run.
+    ``num_examples`` keeps the first N examples of the split. The carve into
+    train/validation always uses
+    :data:`CARVE_SEED`, not ``seed``. Bad arguments and missing data raise
+    :class:`DataError`. tf.data autotuning is off for the result and for
+    stages a caller appends (:func:`finish_pipeline`); re-enable it with
+    ``ds.with_options(opts)`` where ``opts.autotune.enabled = True``.
+    """
     info = get_info(name)
     batch_size = _check_count(batch_size, "batch_size", 1)
+    _check_seed(seed)  # the arguments before loading anything
+    _check_epochs(first_epoch, epochs, repeat)
     x, y = load_arrays(name, split, data_dir, validation_size, CARVE_SEED,
                        num_examples, download=download)
-    shuffle = split == "train" if shuffle is None else bool(shuffle)
-    augment = (info.augment and split == "train") if augment is None else bool(augment)
-    shuffle_seed, augment_seed = (
-        int(s) for s in np.random.SeedSequence(seed).generate_state(2) >> 1
-    )
-
-    images = tf.constant(x)
-    labels = tf.constant(y.astype(np.int32))
-    ds = tf.data.Dataset.range(len(y))
-    if shuffle:
-        ds = ds.shuffle(len(y), seed=shuffle_seed, reshuffle_each_iteration=True)
-    if repeat:
-        ds = ds.repeat()
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-    ds = ds.map(lambda i: (tf.gather(images, i), tf.gather(labels, i)))
-    if augment:
-        seeds = tf.data.Dataset.random(
-            seed=augment_seed, rerandomize_each_iteration=True
-        ).batch(2)
-        ds = tf.data.Dataset.zip((ds, seeds)).map(
-            lambda xy, s: (augment_batch(xy[0], s, CROP_PADDING, info.hflip), xy[1]),
-            num_parallel_calls=tf.data.AUTOTUNE,
-            deterministic=True,
-        )
-    ds = ds.map(lambda images, labels: (tf.cast(images, tf.float32) / 255.0, labels))
-    return finish_pipeline(ds)
+    train = split == "train"
+    return dataset_from_arrays(
+        x, y, batch_size, seed=seed,
+        shuffle=train if shuffle is None else bool(shuffle),
+        augment=(info.augment and train) if augment is None else bool(augment),
+        hflip=info.hflip,
+        drop_remainder=train if drop_remainder is None else bool(drop_remainder),
+        first_epoch=first_epoch, epochs=epochs, repeat=repeat)

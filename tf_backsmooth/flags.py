@@ -24,9 +24,29 @@ from tf_backsmooth import config as config_lib
 
 _DEFAULTS = config_lib.TrainConfig()
 
-# Method-specific keywords: only passed on when set.
-_METHOD_KWARGS = ("random_start", "lambda_", "init_scale", "attack_training",
-                  "clip_start")
+# Method-specific keywords (a method's `extra_defaults` and `attack_training`,
+# `methods.Method.keywords`): one flag each, default None (the method's own
+# default), passed on in `TrainConfig.method_kwargs` only when set. A new
+# keyword of a registered method needs a row here, or an entry in
+# _UNFLAGGED_METHOD_KWARGS; tests/test_one_source.py checks both against the
+# registry (this module does not import TensorFlow, so it cannot read it).
+_METHOD_KWARG_FLAGS = (
+    (flags.DEFINE_bool, "random_start", "Random start (pgd_at, fgsm_rs, gradalign)."),
+    (flags.DEFINE_float, "lambda_", "GradAlign regulariser weight."),
+    (flags.DEFINE_float, "init_scale",
+     "FGSM-family noise radius in units of epsilon (n_fgsm: 2)."),
+    (flags.DEFINE_bool, "attack_training",
+     "Run the attack in training mode (default: the method's reference mode)."),
+    (flags.DEFINE_bool, "clip_start",
+     "fgsm_rs: project the random start onto the eps-ball and [0, 1] before the "
+     "gradient pass (default true; Wong et al.'s MNIST code: false)."),
+)
+_METHOD_KWARGS = tuple(name for _, name, _ in _METHOD_KWARG_FLAGS)
+# Method keywords that are part of a method's definition, not a knob: no flag.
+_UNFLAGGED_METHOD_KWARGS = {
+    "project": "n_fgsm's no-projection is what makes it N-FGSM",
+    "init": "fast_trades' uniform start (and --init is the weight initialisation)",
+}
 
 
 def define_flags(flag_values=flags.FLAGS):
@@ -70,17 +90,8 @@ def define_flags(flag_values=flags.FLAGS):
     _define(fv, flags.DEFINE_float, "gamma", None, "Backward Smoothing logit-noise scale "
                        "(default 1).")
     _define(fv, flags.DEFINE_float, "beta", None, "TRADES/BS KL weight (default 6).")
-    _define(fv, flags.DEFINE_bool, "random_start", None, "Random start (pgd_at, fgsm_rs, "
-                      "gradalign).")
-    _define(fv, flags.DEFINE_float, "lambda_", None, "GradAlign regulariser weight.")
-    _define(fv, flags.DEFINE_float, "init_scale", None, "FGSM-family noise radius in units "
-                       "of epsilon (n_fgsm: 2).")
-    _define(fv, flags.DEFINE_bool, "attack_training", None, "Run the attack in training "
-                      "mode (default: the method's reference mode).")
-    _define(fv, flags.DEFINE_bool, "clip_start", None,
-            "fgsm_rs: project the random start onto the eps-ball and [0, 1] "
-            "before the gradient pass (default true; Wong et al.'s MNIST code: "
-            "false).")
+    for definer, name, help_text in _METHOD_KWARG_FLAGS:
+        _define(fv, definer, name, None, help_text)
     # Optimisation.
     _define(fv, flags.DEFINE_integer, "epochs", d.epochs, "Training epochs.")
     _define(fv, flags.DEFINE_integer, "batch_size", d.batch_size,

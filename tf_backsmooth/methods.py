@@ -2,9 +2,10 @@
 
 A :class:`Method` pairs an attack (how the training adversarial examples are
 made) with an objective (which per-example terms are minimised). Adding a
-method is one :func:`register` call, its name in ``config.METHODS`` and a
+method is one :func:`register` call, its name in ``config.METHODS``, a
+flag row in ``flags._METHOD_KWARG_FLAGS`` for each new keyword and a
 hand-computed test (BUILD_NOTES.md, "Adding a method / dataset / model /
-attack", lists every file).
+attack", lists every file; tests fail until the lists agree).
 
 Attack signature::
 
@@ -57,21 +58,31 @@ class Method:
     name: str
     attack: Optional[Callable[..., AttackOutput]]
     objective: Callable[..., Terms]
-    attack_training: bool
-    # Default step size as a function of epsilon (None: no attack).
-    default_step_size: Optional[Callable[[float], float]]
-    default_steps: int
-    # Method-specific keywords and their defaults (validated by `check`).
-    extra_defaults: Mapping[str, Any]
     # Gradient evaluations (forward+backward passes) per example per step,
     # attack + objective, used for cost reporting.
     grad_evals: Callable[[AttackParams], int]
     reference: str
+    # Whether the attack runs the model in training mode (default: inference).
+    attack_training: bool = False
+    # Default step size as a function of epsilon (None: no attack).
+    default_step_size: Optional[Callable[[float], float]] = None
+    default_steps: int = 1
+    # Method-specific keywords and their defaults (validated by `check`); with
+    # `attack_training` they are the keywords the method accepts (`keywords`).
+    extra_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     single_step: bool = False
     # Whether the objective computes training-mode f(x) (so clean accuracy
     # costs nothing extra).
     clean_in_objective: bool = False
     check: Optional[Callable[[Mapping[str, Any]], None]] = None
+
+    @property
+    def keywords(self) -> dict:
+        """Every keyword the method accepts, with its default: its
+        ``extra_defaults`` and ``attack_training``."""
+        accepted = dict(self.extra_defaults)
+        accepted.setdefault("attack_training", self.attack_training)
+        return accepted
 
 
 _REGISTRY: dict = {}
@@ -86,6 +97,12 @@ def register(method: Method) -> Method:
 
 def names():
     return sorted(_REGISTRY)
+
+
+def keyword_names():
+    """Every method-specific keyword of every registered method (what
+    ``resolve_params`` accepts beyond epsilon, step_size, steps, gamma, beta)."""
+    return sorted({k for method in _REGISTRY.values() for k in method.keywords})
 
 
 def get(name: str) -> Method:
@@ -106,8 +123,7 @@ def resolve_params(name, epsilon=None, step_size=None, steps=None, gamma=None,
     given to ``natural``, or ``steps != 1`` for a single-step method.
     """
     method = get(name)
-    allowed = dict(method.extra_defaults)
-    allowed.setdefault("attack_training", method.attack_training)
+    allowed = method.keywords
     unknown = sorted(set(extra) - set(allowed))
     if unknown:
         raise ConfigError(
@@ -264,18 +280,25 @@ def _bs_attack(model_fn, x, y, params, seed):
 # ----------------------------------------------------------------------------
 # Registry
 # ----------------------------------------------------------------------------
+def _fgsm_family(name, objective, default_step_size, extra_defaults, **fields):
+    """Registers a single-step FGSM-type method: ``_fgsm_attack`` (one signed
+    step from the start its ``extra_defaults`` describe), in training mode as
+    in the references."""
+    return register(Method(
+        name=name, attack=_fgsm_attack, objective=objective, attack_training=True,
+        default_step_size=default_step_size, single_step=True,
+        extra_defaults=extra_defaults, **fields))
+
+
 register(Method(
-    name="natural", attack=None, objective=natural_objective,
-    attack_training=False, default_step_size=None, default_steps=0,
-    extra_defaults={}, grad_evals=lambda p: 1,
-    clean_in_objective=True,
+    name="natural", attack=None, objective=natural_objective, default_steps=0,
+    grad_evals=lambda p: 1, clean_in_objective=True,
     reference="Standard training: CE on clean inputs."))
 
 register(Method(
     name="pgd_at", attack=_pgd_attack, objective=adversarial_ce_objective,
-    attack_training=False, default_step_size=lambda eps: 2.5 * eps / 10,
-    default_steps=10, extra_defaults={"random_start": True},
-    grad_evals=lambda p: p.steps + 1,
+    default_step_size=lambda eps: 2.5 * eps / 10, default_steps=10,
+    extra_defaults={"random_start": True}, grad_evals=lambda p: p.steps + 1,
     reference=(
         "Madry et al. 2018. K-step PGD on CE from a uniform start; defaults "
         "steps=10, step_size=2.5*eps/10 (Madry's 2.5*eps/K rule). Attack in "
@@ -284,72 +307,58 @@ register(Method(
 
 register(Method(
     name="trades", attack=_trades_attack, objective=trades_objective,
-    attack_training=False, default_step_size=lambda eps: eps / 4,
-    default_steps=10, extra_defaults={},
-    grad_evals=lambda p: p.steps + 1,
-    clean_in_objective=True,
+    default_step_size=lambda eps: eps / 4, default_steps=10,
+    grad_evals=lambda p: p.steps + 1, clean_in_objective=True,
     reference=(
         "Zhang et al. 2019. K sign-ascent steps on KL from x + 0.001*N(0,1); "
         "loss CE + beta*KL. Defaults steps=10, step_size=eps/4 (CIFAR "
         "reference: 0.007 for eps 0.031), beta=6. Attack in inference mode "
         "(model.eval() in the reference).")))
 
-register(Method(
-    name="fgsm_rs", attack=_fgsm_attack, objective=adversarial_ce_objective,
-    attack_training=True, default_step_size=lambda eps: 1.25 * eps,
-    default_steps=1,
-    extra_defaults={"random_start": True, "init_scale": 1.0,
-                    "clip_start": True},
-    grad_evals=lambda p: 2, single_step=True, check=_check_fgsm_start,
+_fgsm_family(
+    "fgsm_rs", adversarial_ce_objective, lambda eps: 1.25 * eps,
+    {"random_start": True, "init_scale": 1.0, "clip_start": True},
+    grad_evals=lambda p: 2, check=_check_fgsm_start,
     reference=(
         "Wong et al. 2020 ('Fast is better than free'). Uniform start in the "
         "eps-ball, one step of 1.25*eps, projected. Attack in training mode, "
         "as in the reference (BatchNorm statistics also update on the attack "
         "pass). clip_start=True projects the start before the gradient pass "
         "(their CIFAR code); clip_start=False takes the gradient at the "
-        "unclipped start x + delta (their MNIST code).")))
+        "unclipped start x + delta (their MNIST code)."))
 
 register(Method(
     name="fast_trades", attack=_trades_attack, objective=trades_objective,
-    attack_training=False, default_step_size=lambda eps: eps,
-    default_steps=1, extra_defaults={"init": "uniform"},
-    grad_evals=lambda p: 2, single_step=True,
-    clean_in_objective=True,
+    default_step_size=lambda eps: eps, extra_defaults={"init": "uniform"},
+    grad_evals=lambda p: 2, single_step=True, clean_in_objective=True,
     reference=(
         "TRADES with a uniform start in the eps-ball and one KL step of size "
         "eps (the single-step TRADES baseline of the Backward Smoothing "
         "paper). Attack in inference mode.")))
 
-register(Method(
-    name="gradalign", attack=_fgsm_attack, objective=gradalign_objective,
-    attack_training=True, default_step_size=lambda eps: eps,
-    default_steps=1,
-    extra_defaults={"random_start": False, "init_scale": 1.0, "lambda_": 0.2},
-    grad_evals=lambda p: 4, single_step=True,
-    check=lambda e: (_check_lambda(e), _check_fgsm_start(e)),
+_fgsm_family(
+    "gradalign", gradalign_objective, lambda eps: eps,
+    {"random_start": False, "init_scale": 1.0, "lambda_": 0.2},
+    grad_evals=lambda p: 4, check=lambda e: (_check_lambda(e), _check_fgsm_start(e)),
     clean_in_objective=True,
     reference=(
         "Andriushchenko & Flammarion 2020. FGSM (official defaults: zero "
         "init, step eps; random_start=True gives FGSM-RS) plus lambda_*(1 - "
         "cos) gradient alignment; lambda_=0.2 is the CIFAR-10 eps=8/255 "
-        "value, tune per eps. Attack and regulariser in training mode.")))
+        "value, tune per eps. Attack and regulariser in training mode."))
 
-register(Method(
-    name="n_fgsm", attack=_fgsm_attack, objective=adversarial_ce_objective,
-    attack_training=True, default_step_size=lambda eps: eps,
-    default_steps=1,
-    extra_defaults={"random_start": True, "init_scale": 2.0, "project": False},
-    grad_evals=lambda p: 2, single_step=True, check=_check_fgsm_start,
+_fgsm_family(
+    "n_fgsm", adversarial_ce_objective, lambda eps: eps,
+    {"random_start": True, "init_scale": 2.0, "project": False},
+    grad_evals=lambda p: 2, check=_check_fgsm_start,
     reference=(
         "de Jorge et al. 2022. Uniform noise of 2*eps (init_scale=2), one "
         "step of eps, no projection onto the eps-ball (only [0, 1]). Attack "
-        "in training mode, as in the reference.")))
+        "in training mode, as in the reference."))
 
 register(Method(
     name="backward_smoothing", attack=_bs_attack, objective=trades_objective,
-    attack_training=False, default_step_size=lambda eps: eps,
-    default_steps=1, extra_defaults={},
-    grad_evals=lambda p: p.steps + 2,
+    default_step_size=lambda eps: eps, grad_evals=lambda p: p.steps + 2,
     clean_in_objective=True,
     reference=(
         "Chen et al. 2020 (arXiv 2010.01278). Backward step of size alpha "

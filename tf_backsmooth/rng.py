@@ -34,7 +34,7 @@ import tensorflow as tf
 TRAIN_ATTACK = 1
 #: RobustModel: the objective's noise (GradAlign's eta), ``fold_in(step seed, .)``.
 TRAIN_OBJECTIVE = 2
-#: train_lib: data augmentation of global step ``t`` from
+#: data (the training pipeline): augmentation of global step ``t`` from
 #: ``fold_in(fold_in(run seed, .), t)``.
 AUGMENT = 7
 #: The CO guard's measurement seed is ``[guard seed, CO_GUARD]``; its PGD start

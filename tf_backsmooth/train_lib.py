@@ -138,42 +138,31 @@ def steps_per_epoch(num_examples, batch_size):
     return steps
 
 
-def train_dataset(x, y, info, batch_size, seed, first_epoch, epochs, augment):
-    """Training batches for epochs ``first_epoch .. epochs-1``.
-
-    Epoch ``e``'s order is a permutation keyed on ``(seed, e)`` (not on how
-    many epochs this process has run), so a resumed run sees exactly the
-    batches of an uninterrupted one. Incomplete final batches are dropped, so
-    every step has the global batch size.
-    """
-    import tensorflow as tf
-
+def train_batches(config, first_epoch):
+    """The batches ``run`` trains on: ``data.make_dataset(split="train")``
+    for epochs ``first_epoch .. config.epochs-1`` (the one pipeline; see
+    :func:`tf_backsmooth.data.dataset_from_arrays` for its rules)."""
     from tf_backsmooth import data as data_lib
-    from tf_backsmooth import rng
 
-    n = len(y)
-    steps = steps_per_epoch(n, batch_size)
-    images = tf.constant(x)
-    labels = tf.constant(y.astype(np.int32))
+    return data_lib.make_dataset(
+        config.dataset, "train", config.batch_size, config.data_dir,
+        seed=config.seed, num_examples=config.num_train_examples,
+        validation_size=config.validation_size, first_epoch=first_epoch,
+        epochs=config.epochs)
 
-    def epoch_indices(epoch):
-        order = tf.argsort(rng.uniform([n], rng.fold_in(seed, epoch)))
-        return tf.data.Dataset.from_tensor_slices(
-            order[: steps * batch_size]).batch(batch_size)
 
-    ds = tf.data.Dataset.range(first_epoch, epochs).flat_map(epoch_indices)
-    ds = ds.enumerate(start=first_epoch * steps)
+def train_dataset(x, y, info, batch_size, seed, first_epoch, epochs, augment):
+    """``(batches, steps per epoch)`` of :func:`train_batches`' pipeline on
+    arrays (for scripts that hold the arrays): epochs ``first_epoch ..
+    epochs-1``, each a permutation keyed on ``(seed, epoch)``, incomplete
+    final batches dropped, augmentation keyed on the global step."""
+    from tf_backsmooth import data as data_lib
 
-    def load(step, index):
-        batch = tf.gather(images, index)
-        if augment:
-            batch = data_lib.augment_batch(
-                batch, rng.fold_in(rng.fold_in(seed, rng.AUGMENT), step),
-                data_lib.CROP_PADDING, info.hflip)
-        return tf.cast(batch, tf.float32) / 255.0, tf.gather(labels, index)
-
-    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return data_lib.finish_pipeline(ds), steps
+    steps = steps_per_epoch(len(y), batch_size)
+    return data_lib.dataset_from_arrays(
+        x, y, batch_size, seed=seed, shuffle=True, augment=augment,
+        hflip=info.hflip, drop_remainder=True, first_epoch=first_epoch,
+        epochs=epochs), steps
 
 
 def _to_float(x):
@@ -570,9 +559,7 @@ def _run(config, strategy, is_chief, flags_text):
         except cb.CheckpointError as err:
             raise RunError(str(err)) from None
         _find(callbacks, cb.RunLog).resume(first_epoch)
-        train_ds, _ = train_dataset(train[0], train[1], info,
-                                    config.batch_size, config.seed,
-                                    first_epoch, config.epochs, info.augment)
+        train_ds = train_batches(config, first_epoch)
         log.info("training %s/%s on %s: %d steps/epoch, %d replica(s), XLA %s "
                  "(%s), starting at epoch %d%s", config.method, config.model,
                  config.dataset, steps, num_replicas,
