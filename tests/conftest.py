@@ -62,3 +62,16 @@ def two_replica_strategy():
     if not _TWO_REPLICAS:
         _TWO_REPLICAS.append(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
     return _TWO_REPLICAS[0]
+
+
+_SLOW_LIST = pathlib.Path(__file__).with_name("slow_tests.txt")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Marks the tests listed in slow_tests.txt (measured heavy) as `slow`, so
+    `pytest -m "not slow"` is the quick tier; CI runs every test."""
+    listed = {line.strip() for line in _SLOW_LIST.read_text().splitlines()
+              if line.strip() and not line.startswith("#")}
+    for item in items:
+        if item.nodeid in listed:
+            item.add_marker(pytest.mark.slow)
