@@ -72,6 +72,9 @@ def pytest_collection_modifyitems(config, items):
     `pytest -m "not slow"` is the quick tier; CI runs every test."""
     listed = {line.strip() for line in _SLOW_LIST.read_text().splitlines()
               if line.strip() and not line.startswith("#")}
+    here = pathlib.Path(__file__).parent
     for item in items:
-        if item.nodeid in listed:
+        # Keyed on the path from the repository root whatever the rootdir.
+        key = f"tests/{item.path.relative_to(here).as_posix()}::{item.nodeid.split('::', 1)[1]}"
+        if key in listed:
             item.add_marker(pytest.mark.slow)
