@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_backsmooth import attacks, objectives
+from tf_backsmooth import attacks, objectives, robust_model
 from tf_backsmooth.robust_model import RobustModel, resolve_xla
 
 
@@ -120,26 +120,93 @@ def test_resolve_xla():
 
 @pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")), reason="CPU rule")
 def test_auto_xla_rule_on_cpu():
-    """"auto" on a CPU: XLA only for BatchNorm models with an unrolled attack
-    (BUILD_NOTES.md, "Backward Smoothing step: profile and speed")."""
-    assert resolve_xla("auto", batch_norm=True, attack_steps=1)[0] is True
-    assert resolve_xla("auto", batch_norm=True, attack_steps=attacks.UNROLL_MAX_STEPS)[0]
+    """"auto" on a CPU: graph mode, except that BatchNorm models with an
+    unrolled attack are left to a measurement (BUILD_NOTES.md, "Backward
+    Smoothing step: profile and speed": XLA won there on one CPU, lost on
+    another)."""
+    for steps in (1, attacks.UNROLL_MAX_STEPS):
+        used, why = resolve_xla("auto", batch_norm=True, attack_steps=steps)
+        assert used is False and "until XLA and graph mode are timed" in why
+        assert robust_model.xla_needs_measurement("auto", batch_norm=True,
+                                                  attack_steps=steps)
+    assert not robust_model.xla_needs_measurement(True, batch_norm=True,
+                                                  attack_steps=1)
     for kw in ({"batch_norm": False, "attack_steps": 1},
                {"batch_norm": True, "attack_steps": 0},
                {"batch_norm": True, "attack_steps": attacks.UNROLL_MAX_STEPS + 1}):
         used, why = resolve_xla("auto", **kw)
         assert used is False and why.startswith("auto: CPU"), (kw, why)
-    bn = RobustModel(_cnn(batchnorm=True), method="backward_smoothing", epsilon=0.1)
-    bn.compile(optimizer="sgd")
-    assert bn.xla and "BatchNorm" in bn.xla_reason
+        assert not robust_model.xla_needs_measurement("auto", **kw)
     plain = RobustModel(_cnn(), method="backward_smoothing", epsilon=0.1)
     plain.compile(optimizer="sgd")
     assert not plain.xla and "no BatchNorm" in plain.xla_reason
-    # The rule is re-applied when the step is rebuilt after an attack change.
-    x, y = _data(8)
-    bn.set_params(steps=10)
+
+
+def _fake_timer(xla_ms, graph_ms, calls):
+    def timed(fn, args, xla):
+        calls.append(xla)
+        fn(*args)  # the real work, so tracing and variables behave as in use
+        return (xla_ms if xla else graph_ms) / 1e3
+    return timed
+
+
+@pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")), reason="CPU rule")
+@pytest.mark.parametrize("xla_ms, graph_ms, expect", [(10, 20, True), (20, 10, False),
+                                                     (9.7, 10, False)])
+def test_measure_xla_keeps_the_faster_mode(monkeypatch, xla_ms, graph_ms, expect):
+    """fit measures on its first batch where "auto" leaves the choice open,
+    keeps XLA only when it wins by XLA_MARGIN, and remembers the decision
+    for the method and attack length through set_params."""
+    calls = []
+    monkeypatch.setattr(robust_model, "_timed", _fake_timer(xla_ms, graph_ms, calls))
+    x, y = _data(16)
+    bn = RobustModel(_cnn(batchnorm=True), method="backward_smoothing", epsilon=0.1)
+    bn.compile(optimizer="sgd")
+    assert not bn.xla and "until" in bn.xla_reason
     bn.fit(x, y, batch_size=8, verbose=0)
-    assert not bn.xla and "10-step" in bn.xla_reason
+    # One first call per mode, then 3 alternated rounds.
+    assert calls == [False, True] + [False, True] * 3
+    assert bn.xla is expect and "measured on a batch of 8" in bn.xla_reason
+    assert f"XLA {xla_ms:.0f} ms, graph {graph_ms:.0f} ms" in bn.xla_reason
+    reason = bn.xla_reason
+    bn.fit(x, y, batch_size=8, verbose=0)
+    assert len(calls) == 8  # measured once
+    bn.set_params(steps=10)   # a while loop: the rule, no measurement
+    bn.fit(x, y, batch_size=8, verbose=0)
+    assert not bn.xla and "10-step" in bn.xla_reason and len(calls) == 8
+    bn.set_params(steps=1)    # back: the earlier measurement holds
+    bn.fit(x, y, batch_size=8, verbose=0)
+    assert (bn.xla, bn.xla_reason) == (expect, reason) and len(calls) == 8
+
+
+@pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")), reason="CPU rule")
+def test_measure_xla_changes_no_variable_and_no_update():
+    """The real measurement (both modes run 4 times on the batch, BatchNorm
+    statistics updated each time) leaves every variable as it was: a fit
+    after it equals a fit of an unmeasured twin in the chosen mode."""
+    x, y = _data(16)
+    measured = RobustModel(_cnn(batchnorm=True), epsilon=0.1, seed=3)
+    measured.compile(optimizer=keras.optimizers.SGD(0.1))
+    before = [v.numpy().copy() for v in measured.base_model.variables]
+    used, why = measured.measure_xla(x, y, batch_size=8, repeats=1)
+    assert "measured on a batch of 8" in why
+    for v, b in zip(measured.base_model.variables, before):
+        np.testing.assert_array_equal(v.numpy(), b)
+    twin = RobustModel(_cnn(batchnorm=True), epsilon=0.1, seed=3)
+    twin.compile(optimizer=keras.optimizers.SGD(0.1), jit_compile=used)
+    for m in (measured, twin):
+        m.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    for a, b in zip(measured.get_weights(), twin.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")), reason="CPU rule")
+def test_measure_xla_without_a_readable_batch_stays_in_graph_mode():
+    bn = RobustModel(_cnn(batchnorm=True), epsilon=0.1)
+    bn.compile(optimizer="sgd")
+    x, _ = _data(8)
+    used, why = bn.measure_xla(x)  # no labels
+    assert used is False and "not measured" in why and "graph mode" in why
 
 
 def test_short_attack_loops_are_unrolled(monkeypatch):
@@ -196,3 +263,16 @@ def test_end_to_end_real_mnist_backward_smoothing_beats_natural(mnist_dir):
     print(accuracy)
     assert nat[0] > 0.9 and bs[0] > 0.85
     assert bs[1] > nat[1] + 0.3, accuracy
+
+
+@pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")), reason="CPU rule")
+def test_measure_xla_is_skipped_under_a_strategy():
+    """Under MirroredStrategy nothing is timed (the step runs per replica);
+    graph mode stays, and the reason says so."""
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        bn = RobustModel(_cnn(batchnorm=True), epsilon=0.1)
+        bn.compile(optimizer="sgd")
+    x, y = _data(16)
+    bn.fit(x, y, batch_size=8, verbose=0)
+    assert not bn.xla and "not measured under a distribution strategy" in bn.xla_reason

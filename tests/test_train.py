@@ -514,3 +514,39 @@ def test_failed_run_restarts_with_a_new_seed_and_keeps_the_failed_attempt(tmp_pa
     assert results["train_seconds"] == pytest.approx(
         sum(r["epoch_seconds"] for r in old + new), rel=1e-6)
     assert json.loads((run_dir / "attempts.json").read_text()) == results["failed_attempts"]
+
+
+@pytest.mark.skipif(bool(__import__("tensorflow").config.list_physical_devices("GPU")),
+                    reason="CPU rule")
+def test_run_records_the_measured_xla_choice(tmp_path, monkeypatch, mnist_dir):
+    """train_lib.run times XLA against graph mode before it writes the
+    manifest, where "auto" leaves the choice open (a BatchNorm model, BS),
+    and trains in the mode chosen."""
+    import keras
+
+    from tf_backsmooth import robust_model, train_lib
+
+    def tiny_bn(config, info):
+        return keras.Sequential([keras.Input(info.input_shape), keras.layers.Conv2D(4, 3, 2),
+                                 keras.layers.BatchNormalization(), keras.layers.ReLU(),
+                                 keras.layers.Flatten(), keras.layers.Dense(info.num_classes)])
+
+    calls = []
+
+    def fake_timed(fn, args, xla):
+        calls.append((xla, int(args[0].shape[0])))
+        fn(*args)
+        return 0.01 if xla else 0.02
+
+    monkeypatch.setattr(train_lib, "make_classifier", tiny_bn)
+    monkeypatch.setattr(robust_model, "_timed", fake_timed)
+    config = config_lib.TrainConfig(
+        dataset="mnist", data_dir=str(mnist_dir), model="mlp", method="backward_smoothing",
+        epsilon=0.1, epochs=1, batch_size=64, num_train_examples=128, eval_every=0,
+        test_examples=64, test_pgd_steps=2, verbose=0, tensorboard=False,
+        model_dir=str(tmp_path))
+    train_lib.run(config)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["xla"]["used"] is True, manifest["xla"]
+    assert "measured on a batch of 64: XLA 10 ms, graph 20 ms" in manifest["xla"]["reason"]
+    assert calls == [(False, 64), (True, 64)] * 4  # measured once, before fit

@@ -113,7 +113,10 @@ def define_flags(flag_values=flags.FLAGS):
                       "Replace a finished run in model_dir.")
     _define(fv, flags.DEFINE_integer, "seed", d.seed, "Seed for init, data order, noise.")
     _define(fv, flags.DEFINE_enum, "jit_compile", "auto", ["true", "false", "auto"],
-                      "XLA for the per-replica attack+loss+gradient function.")
+                      "XLA for the per-replica attack+loss+gradient function. auto: a "
+                      "rule per model, and where it is open (CPU, BatchNorm, 1-2 step "
+                      "attack) both modes timed on the first batch; manifest.json says "
+                      "which and why.")
     _define(fv, flags.DEFINE_integer, "eval_every", d.eval_every,
                          "Robust validation every N epochs (0: never).")
     _define(fv, flags.DEFINE_integer, "eval_examples", d.eval_examples,

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 import typing
 
 import keras
@@ -47,16 +48,20 @@ def resolve_xla(request, batch_norm=False, attack_steps=0):
 
     ``"auto"`` never enables XLA with op determinism on (XLA has no
     deterministic kernels for every op); otherwise it enables it where a GPU
-    is visible, and on a CPU only for a model with BatchNorm (``batch_norm``)
-    trained with an attack whose loop is unrolled (``1 <= attack_steps <=
-    attacks.UNROLL_MAX_STEPS``). That is the rule the CPU measurements support
-    (BUILD_NOTES.md, "Backward Smoothing step: profile and speed"): XLA fuses
-    Keras' unfused BatchNorm arithmetic and the short attack, so the BS step
-    of ResNet-18 ran 1.65x faster than graph mode, while graph mode stayed
-    faster without BatchNorm (SmallCNN), without an attack, and around
-    ``tf.while_loop`` attack loops (TRADES-10, PGD-10: 4x slower under XLA).
-    Unlike Keras' own ``"auto"``, it stays on under a distribution strategy,
-    because only the per-replica function is compiled.
+    is visible. On a CPU it keeps graph mode, except that for a model with
+    BatchNorm (``batch_norm``) trained with an attack whose loop is unrolled
+    (``1 <= attack_steps <= attacks.UNROLL_MAX_STEPS``) the choice is left to
+    a measurement (:func:`xla_needs_measurement`,
+    :meth:`RobustModel.measure_xla`): there XLA fuses Keras' unfused
+    BatchNorm arithmetic and the short attack, and the BS step of ResNet-18
+    ran 1.65x faster under XLA on one of our CPUs and 1.22x slower on
+    another (BUILD_NOTES.md, "Backward Smoothing step: profile and speed").
+    Graph mode stayed faster on every CPU without BatchNorm (SmallCNN),
+    without an attack, and around ``tf.while_loop`` attack loops (TRADES-10,
+    PGD-10: 4x slower under XLA). Until measured, such a model runs in graph
+    mode. Unlike Keras' own ``"auto"``, XLA stays available under a
+    distribution strategy, because only the per-replica function is
+    compiled.
     """
     if request is True:
         return True, "requested"
@@ -77,8 +82,58 @@ def resolve_xla(request, batch_norm=False, attack_steps=0):
     if attack_steps > attacks.UNROLL_MAX_STEPS:
         return False, (f"auto: CPU, {attack_steps}-step attack loop "
                        "(tf.while_loop; graph mode measured faster)")
-    return True, (f"auto: CPU, BatchNorm and a {attack_steps}-step unrolled "
-                  "attack (XLA measured faster)")
+    return False, (f"auto: CPU, BatchNorm and a {attack_steps}-step unrolled "
+                   f"attack{_UNMEASURED}")
+
+
+# The end of resolve_xla's reason when the choice is left to a measurement.
+_UNMEASURED = ": graph mode until XLA and graph mode are timed on a batch"
+
+
+def xla_needs_measurement(request, batch_norm=False, attack_steps=0):
+    """Whether ``resolve_xla(request, ...)`` leaves the choice between XLA
+    and graph mode to a measurement (``"auto"`` on a CPU, BatchNorm, an
+    unrolled attack loop; see :func:`resolve_xla`)."""
+    return (request == "auto"
+            and resolve_xla(request, batch_norm, attack_steps)[1].endswith(
+                _UNMEASURED))
+
+
+# measure_xla picks XLA only when it is at least this much faster (ties go to
+# graph mode: no compile time, and the same kernels as the other steps).
+XLA_MARGIN = 0.05
+
+
+def _timed(fn, args, xla):
+    """Seconds one call of the per-replica step ``fn`` takes (its results
+    fetched to the host, so the work is done). ``xla`` says which mode ``fn``
+    is; a hook for tests."""
+    del xla
+    start = time.perf_counter()
+    _, stats = fn(*args)
+    np.asarray(stats["loss"])
+    return time.perf_counter() - start
+
+
+def _first_batch(x, y=None, batch_size=None):
+    """``(x, y, sample_weight)`` of the first batch ``fit`` will see, read
+    without consuming it, or None (no labels, a generator, dict inputs)."""
+    if isinstance(x, tf.data.Dataset):
+        batch = next(iter(x.take(1)), None)
+    elif isinstance(x, keras.utils.PyDataset):
+        batch = x[0]
+    elif y is not None and (isinstance(x, (np.ndarray, tf.Tensor))
+                            or hasattr(x, "__array__")):
+        n = batch_size or 32
+        batch = (x[:n], y[:n])
+    else:
+        return None
+    if not isinstance(batch, tuple):
+        return None
+    bx, by, bw = keras.utils.unpack_x_y_sample_weight(batch)
+    if by is None or isinstance(bx, (dict, list, tuple)):
+        return None
+    return bx, by, bw
 
 
 class StepPlan(typing.NamedTuple):
@@ -206,6 +261,8 @@ class RobustModel(keras.Model):
                           for n in TRAIN_METRICS}
         self._plan = StepPlan(False, "not compiled", False)
         self._step_fn = None
+        # measure_xla's decisions, keyed on _measure_key().
+        self._xla_measured = {}
         # Whether one call on a concatenated batch equals two calls (no
         # layer computes batch statistics); see methods.forward_pair.
         if base_model.built:
@@ -372,6 +429,9 @@ class RobustModel(keras.Model):
         (:func:`check_input_range`). Labels may be class ids or one-hot /
         label-smoothed targets."""
         check_input_range(x)
+        if self._measurement_pending():
+            batch_size = kwargs.get("batch_size", args[0] if args else None)
+            self.measure_xla(x, y, batch_size=batch_size)
         return super().fit(x, y, *args, **kwargs)
 
     def evaluate(self, x=None, y=None, *args, **kwargs):
@@ -474,12 +534,97 @@ class RobustModel(keras.Model):
                 "attack_steps": (self.params.steps if self.method.attack
                                  is not None else 0)}
 
+    def _measure_key(self):
+        facts = self._xla_facts()
+        return (self.method_name, facts["attack_steps"], facts["batch_norm"])
+
+    def _measurement_pending(self):
+        return (getattr(self, "_jit_request", None) == "auto"
+                and not self._plan.inline
+                and xla_needs_measurement("auto", **self._xla_facts())
+                and self._measure_key() not in self._xla_measured)
+
+    def measure_xla(self, x, y=None, batch_size=None, repeats=3):
+        """Chooses XLA or graph mode for the per-replica step by timing both.
+
+        Only acts where ``compile(jit_compile="auto")`` left the choice to a
+        measurement (:func:`xla_needs_measurement`: a CPU, BatchNorm, an
+        unrolled attack); ``fit`` calls it on its first batch. It takes the
+        first batch of ``x`` (a ``tf.data.Dataset``, a ``PyDataset``, or
+        arrays with labels ``y`` and ``batch_size``, default 32), runs the
+        attack + loss + gradient function once in each mode (tracing and
+        compiling), then ``repeats`` more times in each, alternated, and
+        keeps XLA only if its fastest call beats graph mode's by
+        :data:`XLA_MARGIN`. Every variable of the base model (BatchNorm
+        statistics included) is restored afterwards, so training is exactly
+        as without the measurement. Under a distribution strategy, or with
+        data that cannot be peeked, nothing is timed and graph mode stays.
+        The decision, with the times, is logged and becomes
+        :attr:`xla_reason`; it holds for this method and attack length
+        (``set_params``/``switch_method`` back to them reuse it).
+
+        Returns ``(xla, reason)``.
+        """
+        if not self._measurement_pending():
+            return self.xla, self.xla_reason
+        rule = resolve_xla("auto", **self._xla_facts())[1]
+        rule = rule[:-len(_UNMEASURED)]
+        fn = None
+        if type(self.distribute_strategy).__name__ != "_DefaultDistributionStrategy":
+            plan = StepPlan(False, rule + ": not measured under a distribution "
+                            "strategy; graph mode", False)
+        else:
+            batch = _first_batch(x, y, batch_size)
+            if batch is None:
+                plan = StepPlan(False, rule + ": not measured (no batch with "
+                                "labels could be read ahead); graph mode", False)
+            else:
+                plan, fn = self._time_modes(batch, rule, repeats)
+        self._xla_measured[self._measure_key()] = plan
+        self.retrace()
+        self._plan, self._step_fn = plan, fn
+        log.info("RobustModel(%s): XLA for the per-replica step: %s (%s)",
+                 self.method_name, "on" if plan.xla else "off", plan.reason)
+        return self.xla, self.xla_reason
+
+    def _time_modes(self, batch, rule, repeats):
+        """(plan, the winning tf.function) from timing both modes."""
+        x, y, sample_weight = batch
+        x = tf.cast(tf.convert_to_tensor(x), tf.float32)
+        y = tf.convert_to_tensor(y)
+        if sample_weight is not None:
+            sample_weight = tf.convert_to_tensor(sample_weight)
+        step = tf.constant(0, tf.int64)
+        epsilon = (self.epsilon_at(step) if self.epsilon_schedule is not None
+                   else None)
+        args = (x, y, sample_weight, self.step_seed(step, 0), epsilon)
+        fns = {xla: tf.function(self._grads_and_stats, jit_compile=xla,
+                                reduce_retracing=True) for xla in (False, True)}
+        variables = self.base_model.variables
+        saved = [np.array(v.numpy()) for v in variables]
+        try:
+            first = {xla: _timed(fns[xla], args, xla) for xla in (False, True)}
+            best = {False: float("inf"), True: float("inf")}
+            for _ in range(max(1, repeats)):
+                for xla in (False, True):
+                    best[xla] = min(best[xla], _timed(fns[xla], args, xla))
+        finally:
+            for v, value in zip(variables, saved):
+                v.assign(value)
+        use = best[True] < best[False] * (1 - XLA_MARGIN)
+        reason = (f"{rule}: measured on a batch of {int(x.shape[0])}: XLA "
+                  f"{best[True] * 1e3:.0f} ms, graph {best[False] * 1e3:.0f} ms "
+                  f"per step (first calls {first[True]:.1f} s / "
+                  f"{first[False]:.1f} s)")
+        return StepPlan(use, reason, False), fns[use]
+
     def _get_step_fn(self):
         if self._step_fn is None:
             if (getattr(self, "_jit_request", None) == "auto"
                     and not self._plan.inline):
                 # set_params / switch_method may have changed the attack.
                 plan = StepPlan(*resolve_xla("auto", **self._xla_facts()), False)
+                plan = self._xla_measured.get(self._measure_key(), plan)
                 if plan != self._plan:
                     log.info("RobustModel(%s): XLA for the per-replica step "
                              "now %s (%s)", self.method_name,

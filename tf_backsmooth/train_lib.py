@@ -541,6 +541,12 @@ def _run(config, strategy, is_chief, flags_text):
             model.compile(optimizer=make_optimizer(config, steps),
                           jit_compile=config.jit_compile)
             model.build((None,) + tuple(info.input_shape))
+        # jit_compile="auto" may leave XLA vs graph mode to a timing on one
+        # batch (RobustModel.measure_xla): done here, so the manifest and the
+        # log below record the mode used. Nothing is timed under a strategy.
+        per_replica = config.batch_size // num_replicas
+        model.measure_xla(_to_float(train[0][:per_replica]),
+                          train[1][:per_replica], batch_size=per_replica)
         if is_chief:
             if flags_text is not None:
                 fileio.write_text(os.path.join(config.model_dir, "flags.txt"),
