@@ -269,7 +269,9 @@ def test_end_to_end_real_mnist_backward_smoothing_beats_natural(mnist_dir):
 def test_measure_xla_is_skipped_under_a_strategy():
     """Under MirroredStrategy nothing is timed (the step runs per replica);
     graph mode stays, and the reason says so."""
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    from conftest import two_replica_strategy  # one per process (collective keys)
+
+    strategy = two_replica_strategy()
     with strategy.scope():
         bn = RobustModel(_cnn(batchnorm=True), epsilon=0.1)
         bn.compile(optimizer="sgd")
