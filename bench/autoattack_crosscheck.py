@@ -154,13 +154,34 @@ def torch_autoattack(net, eps, version, n_classes, seed=0):
     ])
 
 
-def run_torch(net, x, y, eps, version, n_classes, batch_size):
+def _time_stages(atk, seconds):
+    """Wraps the ``forward`` of each attack inside ``atk``'s MultiAttack so that
+    ``seconds[name]`` accumulates its wall time (for the per-stage table)."""
+    multi = getattr(atk, "_autoattack", atk)
+    for attack in getattr(multi, "attacks", []):
+        name = type(attack).__name__
+        inner = attack.forward
+
+        def timed(*a, _inner=inner, _name=name, **k):
+            start = time.perf_counter()
+            try:
+                return _inner(*a, **k)
+            finally:
+                seconds[_name] = seconds.get(_name, 0.0) + time.perf_counter() - start
+
+        attack.forward = timed
+
+
+def run_torch(net, x, y, eps, version, n_classes, batch_size, stages=None):
+    """(robust verdicts, seconds); ``stages`` (a dict) receives each attack's seconds."""
     xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
     yt = torch.from_numpy(np.array(y))
     start = time.perf_counter()
     robust = []
     for b in range(0, len(x), batch_size):
         atk = torch_autoattack(net, eps, version, n_classes)
+        if stages is not None:
+            _time_stages(atk, stages)
         adv = atk(xt[b:b + batch_size], yt[b:b + batch_size])
         with torch.no_grad():
             pred = net(adv).argmax(1)
@@ -215,12 +236,13 @@ def main():
     print(evaluation.format_table(report))
     if not args.ours_only:
         for version in args.torch_versions.split(","):
+            stages = {}
             robust, secs = run_torch(net, x, y, args.epsilon, version, n_classes,
-                                     args.batch_size)
+                                     args.batch_size, stages)
             disagree = int((robust != ours_robust).sum())
             out[f"torchattacks_{version}"] = {
                 "robust_accuracy": float(robust.mean()), "seconds": secs,
-                "images_per_second": len(x) / secs,
+                "images_per_second": len(x) / secs, "stage_seconds": stages,
                 "disagreements": disagree,
                 "robust_only_ours": int((ours_robust & ~robust).sum()),
                 "robust_only_torchattacks": int((robust & ~ours_robust).sum()),
@@ -235,6 +257,14 @@ def main():
         dis = r.get("disagreements", "")
         print(f"{name:28}{100 * r['robust_accuracy']:>10.2f}{r['images_per_second']:>9.2f}"
               f"{speed:>11.2f}{dis:>10}")
+    names = {"apgd_ce": "APGD", "apgd_t": "APGDT", "fab_t": "FAB", "square": "Square"}
+    print(f"\nseconds per stage{'':11}" + "".join(f"{n:>9}" for n in names))
+    print(f"{'ours':28}" + "".join(f"{s['seconds']:>9.1f}" for s in out["ours"]["stages"]))
+    for v in args.torch_versions.split(","):
+        got = out.get(f"torchattacks_{v}", {}).get("stage_seconds")
+        if got:
+            print(f"{'torchattacks ' + v:28}"
+                  + "".join(f"{got.get(t, 0.0):>9.1f}" for t in names.values()))
     if args.output:
         pathlib.Path(args.output).write_text(json.dumps(out, indent=2))
         print(f"written to {args.output}")

@@ -243,17 +243,23 @@ def np_project(t, w, b):
     return out
 
 
-def test_linf_projection_matches_reference():
+@pytest.mark.parametrize("dtype, atol", [(np.float32, 2e-6), (np.float64, 1e-12)])
+def test_linf_projection_matches_reference(dtype, atol):
+    """The bisection on lam against the reference's sort of the breakpoints:
+    float64 to 1e-12, so the exact solve on the last bracket is exact."""
     rs = np.random.RandomState(0)
     n, dim = 40, 30
-    t = rs.rand(n, dim).astype(np.float32)
+    t = rs.rand(n, dim).astype(dtype)
     t[:, :4] = np.round(t[:, :4])  # coordinates already at a bound
-    w = rs.randn(n, dim).astype(np.float32)
+    t[:, 7:9] = t[:, 9:10]  # tied breakpoints
+    w = rs.randn(n, dim).astype(dtype)
     w[:, 4:7] = 0.0  # coordinates the hyperplane does not see
-    b = (w * t).sum(1) + rs.randn(n).astype(np.float32) * np.linspace(0.1, 8, n).astype(np.float32)
+    b = (w * t).sum(1) + rs.randn(n).astype(dtype) * np.linspace(0.1, 8, n).astype(dtype)
+    b[0] = (w[0] * t[0]).sum()  # already on the hyperplane: no move
     d = attacks.project_onto_hyperplane_linf(tf.constant(t), tf.constant(w), tf.constant(b)).numpy()
     d_ref = np_project(t, w, b)
-    np.testing.assert_allclose(d, d_ref, atol=2e-5)
+    np.testing.assert_allclose(d, d_ref, atol=atol)
+    np.testing.assert_allclose(d[0], 0.0, atol=atol)
     reach = np.abs((w.astype(np.float64) * (t + d_ref)).sum(1) - b) < 1e-4
     assert 5 < reach.sum() < n  # both cases: the hyperplane reached, and out of reach
     assert np.all((t + d >= -1e-6) & (t + d <= 1 + 1e-6))
@@ -380,3 +386,27 @@ def test_autoattack_preset_runs_each_part_on_what_is_left():
     # fab_t alone: a standalone run equals the per-target loop over all clean examples
     alone = ev.evaluate(model, x, y, 0.05, attacks="fab_t", **kw)
     assert 0 <= alone["attacks"]["0.05"]["fab_t"] <= report["clean_accuracy"]
+
+
+# ----------------------------------------------------------------------------
+# attacks.fused: the element-wise parts as XLA clusters, or plain graph code
+# ----------------------------------------------------------------------------
+def test_fused_parts_give_the_plain_results(monkeypatch):
+    """APGD, FAB-T and Square with their element-wise parts compiled by XLA
+    (the default) equal the same code without XLA (``FUSE_WITH_XLA=False``).
+    FAB-T runs in float64: in float32 a different rounding of the projection
+    can pick another iterate on the decision boundary (see the FAB tests)."""
+    fn, _, _, x, y = _linear()
+    _, x2, y2, fn2 = _mlp2(n=12)  # float64: FAB's iterates sit on the boundary
+    outs = {}
+    for fuse in (True, False):
+        monkeypatch.setattr(attacks, "FUSE_WITH_XLA", fuse)
+        compiled = attacks.fused(attacks._apgd_update)
+        assert (compiled is attacks._apgd_update) is (not fuse)
+        sq = tf.function(lambda: attacks.square(fn, x, y, 0.08, n_queries=60, seed=1))()
+        ap = tf.function(lambda: attacks.apgd(fn, x, y, 0.08, steps=12, seed=1))()
+        fab = tf.function(lambda: attacks.fab_targeted(fn2, x2, y2, 0.08, steps=10))()
+        outs[fuse] = [t.numpy() for t in (sq[0], sq[1], ap.x_adv, ap.robust, fab[0], fab[1])]
+    assert 0 < outs[True][1].sum() < len(x)  # Square broke some, not all
+    for fused_out, plain_out in zip(outs[True], outs[False]):
+        np.testing.assert_allclose(fused_out, plain_out, atol=1e-5)
