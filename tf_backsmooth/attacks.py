@@ -348,6 +348,11 @@ def square_size(p, height, width):
     return tf.cast(tf.clip_by_value(side, 1.0, float(min(height, width))), tf.int32)
 
 
+def _square_draws(seed, i, index, n):
+    """Square's ``n`` uniform draws per example at query ``i`` (0: the start)."""
+    return rng.uniform_rows(fold_in(fold_in(seed, i), index), n)
+
+
 def _square_candidate(i, x_best, x_low, x_high, seed, index, n_queries, p_init):
     """Square's candidate at query ``i``: ``x_best`` with one square per
     example set to ``x_low`` or ``x_high`` per channel (see :func:`square`)."""
@@ -355,7 +360,7 @@ def _square_candidate(i, x_best, x_low, x_high, seed, index, n_queries, p_init):
     rows = tf.range(height)[tf.newaxis, :, tf.newaxis, tf.newaxis]
     cols = tf.range(width)[tf.newaxis, tf.newaxis, :, tf.newaxis]
     side = square_size(square_fraction(i, n_queries, p_init), height, width)
-    u = rng.uniform_rows(fold_in(fold_in(seed, i + 1), index), 2 + channels)
+    u = _square_draws(seed, i + 1, index, 2 + channels)
     top = tf.cast(tf.floor(tf.cast(height - side, tf.float32) * u[:, 0]), tf.int32)
     left = tf.cast(tf.floor(tf.cast(width - side, tf.float32) * u[:, 1]), tf.int32)
     top = top[:, tf.newaxis, tf.newaxis, tf.newaxis]
@@ -402,10 +407,7 @@ def square(model_fn, x, y, epsilon, n_queries=5000, p_init=0.8, seed=None,
     def margin(x_new):
         return -objectives.margin_loss(y, model_fn(x_new))  # z_y - max other
 
-    def draws(i, n):
-        return rng.uniform_rows(fold_in(fold_in(seed, i), index), n)
-
-    stripes = tf.where(draws(0, width * channels) < 0.5, -1.0, 1.0)
+    stripes = tf.where(_square_draws(seed, 0, index, width * channels) < 0.5, -1.0, 1.0)
     stripes = tf.reshape(tf.cast(stripes, x.dtype), [-1, 1, width, channels])
     x_best = project(x + eps * stripes, x, epsilon)
     best = margin(x_best)
