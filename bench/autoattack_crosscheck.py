@@ -259,7 +259,8 @@ def main():
               f"{speed:>11.2f}{dis:>10}")
     names = {"apgd_ce": "APGD", "apgd_t": "APGDT", "fab_t": "FAB", "square": "Square"}
     print(f"\nseconds per stage{'':11}" + "".join(f"{n:>9}" for n in names))
-    print(f"{'ours':28}" + "".join(f"{s['seconds']:>9.1f}" for s in out["ours"]["stages"]))
+    ours = {s["attack"]: s["seconds"] for s in out["ours"]["stages"]}  # a stage may not run
+    print(f"{'ours':28}" + "".join(f"{ours.get(n, 0.0):>9.1f}" for n in names))
     for v in args.torch_versions.split(","):
         got = out.get(f"torchattacks_{v}", {}).get("stage_seconds")
         if got:

@@ -68,8 +68,8 @@ FUSE_WITH_XLA = True
 def fused(fn):
     """``fn`` (tensors in, tensors out, no model inside) as one XLA cluster.
 
-    The attacks' bookkeeping around the model (Square's candidate, FAB's
-    projection) is dozens of element-wise ops on image-sized tensors per
+    The attacks' bookkeeping around the model (APGD's step and state update,
+    Square's candidate, FAB's projection) is dozens of element-wise ops on image-sized tensors per
     iteration; in graph mode each is a kernel launch and a pass over memory,
     under XLA they fuse into a few. The model itself stays outside: XLA's
     CPU convolutions are slower than oneDNN's (BUILD_NOTES.md, "XLA inside
