@@ -265,6 +265,28 @@ def test_linf_projection_matches_reference(dtype, atol):
     assert np.all((t + d >= -1e-6) & (t + d <= 1 + 1e-6))
 
 
+
+def test_linf_projection_refinement_steps_are_exact_from_any_bracket(monkeypatch):
+    """The linear solves after the bisection never overshoot and each crosses
+    at least one breakpoint: from a coarse bracket (4 bisections) enough of
+    them reach the exact step in float64; without them the coarse step is off."""
+    rs = np.random.RandomState(1)
+    n, dim = 40, 30
+    t = rs.rand(n, dim)
+    t[:, :4] = np.round(t[:, :4])
+    w = rs.randn(n, dim)
+    b = (w * t).sum(1) + rs.randn(n) * np.linspace(0.1, 8, n)
+    d_ref = np_project(t, w, b)
+    args = [tf.constant(a) for a in (t, w, b)]
+    monkeypatch.setitem(attacks.PROJECTION_BISECTIONS, 8, 4)
+    monkeypatch.setattr(attacks, "PROJECTION_REFINEMENTS", 0)
+    coarse = attacks.project_onto_hyperplane_linf(*args).numpy()
+    assert np.abs(coarse - d_ref).max() > 1e-3
+    monkeypatch.setattr(attacks, "PROJECTION_REFINEMENTS", dim)
+    np.testing.assert_allclose(attacks.project_onto_hyperplane_linf(*args).numpy(),
+                               d_ref, atol=1e-12)
+
+
 D2, H2, C2 = 24, 16, 5
 
 

@@ -144,6 +144,7 @@ def test_run_directory_contents(finished_run):
     assert results["grad_evals"] == 4 * 8 * 128 * 3  # steps x batch x (1 + steps + 1)
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["xla"]["used"] is False and "reason" in manifest["xla"]
+    assert manifest["attack_conv_input_gradient"].startswith("fastgrad: matmul + col2im")
     assert "--epsilon=0.1" in (run_dir / "flags.txt").read_text()
     records = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3, 4]

@@ -302,7 +302,7 @@ def manifest(config, model, strategy_name, num_replicas):
     import keras
     import tensorflow as tf
 
-    from tf_backsmooth import __version__
+    from tf_backsmooth import __version__, fastgrad
 
     return {
         "tf_backsmooth": __version__,
@@ -315,6 +315,7 @@ def manifest(config, model, strategy_name, num_replicas):
         "num_replicas": num_replicas,
         "xla": {"requested": str(config.jit_compile), "used": model.xla,
                 "reason": model.xla_reason},
+        "attack_conv_input_gradient": fastgrad.describe(),
         "seed": config.seed,
         "method": config.method,
         "params": config_lib.as_dict(model.params),
