@@ -161,7 +161,7 @@ def main():
                    help="off: the attacks use TensorFlow's own Conv2D input gradient "
                         "(tf_backsmooth.fastgrad.ENABLED = False)")
     args = p.parse_args()
-    fastgrad.ENABLED = args.fastgrad == "on"
+    fastgrad.ENABLED = "auto" if args.fastgrad == "on" else False
     names = args.methods.split(",")
     if "natural" not in names:
         names.insert(0, "natural")

@@ -189,11 +189,11 @@ def tf_runner(net, mode):
     x = rs.rand(batch * 4, *shape).astype(np.float32)
     y = rs.randint(0, 10, batch * 4)
     ds = step_cost.bench_dataset(x, y, batch)
-    fastgrad.ENABLED = mode != "graph_tfgrad"  # read while the step is traced
+    fastgrad.ENABLED = False if mode == "graph_tfgrad" else "auto"  # read while tracing
     try:
         model.fit(ds, steps_per_epoch=3, epochs=1, verbose=0)  # trace, compile, warm up
     finally:
-        fastgrad.ENABLED = True
+        fastgrad.ENABLED = "auto"
     info = f"xla={'on' if model.xla else 'off'} ({model.xla_reason})"
     if mode == "graph_tfgrad":
         info = "TF conv grad, " + info

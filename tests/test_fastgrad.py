@@ -173,3 +173,22 @@ def test_describe_names_the_gradient_in_use(monkeypatch):
     assert fastgrad.describe().startswith("fastgrad: matmul + col2im under XLA")
     monkeypatch.setattr(fastgrad, "ENABLED", False)
     assert fastgrad.describe() == "tensorflow (fastgrad.ENABLED is False)"
+
+
+def test_auto_leaves_accelerators_alone(monkeypatch):
+    """Measured on CPUs only: with a GPU visible ``"auto"`` keeps TF's gradient."""
+    assert fastgrad.ENABLED == "auto"
+    monkeypatch.setattr(fastgrad, "_accelerator", lambda: "GPU")
+    fastgrad._COMPILED.clear()
+    before = _registered()
+    with fastgrad.input_gradient_override():
+        assert _registered() is before
+    model = _conv_model(1)
+    x = tf.constant(np.random.RandomState(0).rand(4, 12, 12, 1).astype(np.float32))
+    attacks.input_gradient(model, x, lambda logits: tf.reduce_sum(logits, -1))
+    assert not fastgrad._COMPILED
+    assert fastgrad.describe() == ("tensorflow (fastgrad.ENABLED is 'auto' and a GPU "
+                                   "is visible)")
+    monkeypatch.setattr(fastgrad, "ENABLED", True)  # forced on
+    with fastgrad.input_gradient_override():
+        assert _registered() is not before

@@ -26,8 +26,9 @@ public API reaches it, so the context swaps the registry's ``Conv2D`` entry
 while it is open (reentrant and thread-safe: MirroredStrategy traces its
 replicas in threads; the entry is restored when the last one leaves). The
 registry is private to TensorFlow: if its layout is not the one expected,
-the context does nothing and logs why once (``override_status()``). Set
-:data:`ENABLED` to ``False`` to turn it off.
+the context does nothing and logs why once (``override_status()``).
+:data:`ENABLED` is ``"auto"`` by default: on when TensorFlow sees no GPU or
+TPU (only CPUs were measured); ``True`` or ``False`` forces it.
 """
 
 from __future__ import annotations
@@ -38,8 +39,10 @@ import threading
 import tensorflow as tf
 from absl import logging
 
-#: Whether :func:`input_gradient_override` swaps the gradient in.
-ENABLED = True
+#: Whether :func:`input_gradient_override` swaps the gradient in: True,
+#: False, or ``"auto"`` (the default): only when no GPU or TPU is visible, as
+#: it was measured on CPUs only (cuDNN's kernel is another story).
+ENABLED = "auto"
 #: Convolutions with at most this many input channels take the fast path
 #: (measured faster at 1 and 3, slower at 16 and more).
 MAX_INPUT_CHANNELS = 4
@@ -197,10 +200,24 @@ class _Override:
 _OVERRIDE = _Override()
 
 
+def _accelerator():
+    """The kind of accelerator visible to TensorFlow, or None."""
+    for kind in ("GPU", "TPU"):
+        if tf.config.list_physical_devices(kind):
+            return kind
+    return None
+
+
+def _enabled():
+    if ENABLED == "auto":
+        return _accelerator() is None
+    return bool(ENABLED)
+
+
 @contextlib.contextmanager
 def input_gradient_override():
     """Gradients taken inside use :func:`conv2d_input_grad` where it is faster."""
-    if not ENABLED or not _OVERRIDE.enter():
+    if not _enabled() or not _OVERRIDE.enter():
         yield
         return
     try:
@@ -211,8 +228,8 @@ def input_gradient_override():
 
 def describe():
     """One line for run manifests: which Conv2D input gradient attacks use."""
-    if not ENABLED:
-        return "tensorflow (fastgrad.ENABLED is False)"
+    if not _enabled():
+        return "tensorflow (" + _off_reason() + ")"
     status = _OVERRIDE.status
     if status is not None and status != "on":
         return f"tensorflow (fastgrad {status})"
@@ -222,6 +239,12 @@ def describe():
 
 def override_status():
     """``"on"``, ``"off: <reason>"``, or ``"not used yet"``."""
-    if not ENABLED:
-        return "off: fastgrad.ENABLED is False"
+    if not _enabled():
+        return "off: " + _off_reason()
     return _OVERRIDE.status or "not used yet"
+
+
+def _off_reason():
+    if ENABLED == "auto":
+        return f"fastgrad.ENABLED is 'auto' and a {_accelerator()} is visible"
+    return "fastgrad.ENABLED is False"
