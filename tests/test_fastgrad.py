@@ -141,7 +141,7 @@ def test_override_is_reentrant_and_thread_safe():
 def test_fast_path_only_for_few_channels_static_shapes_and_float():
     checked = []
 
-    def record(ci, dtype=tf.float32, batch_only_dynamic=True):
+    def record(ci, dtype=tf.float32):
         @tf.function(input_signature=[tf.TensorSpec([None, 9, 9, ci], dtype)])
         def f(x):
             kernel = tf.ones([3, 3, ci, 2], dtype)
@@ -192,3 +192,28 @@ def test_auto_leaves_accelerators_alone(monkeypatch):
     monkeypatch.setattr(fastgrad, "ENABLED", True)  # forced on
     with fastgrad.input_gradient_override():
         assert _registered() is not before
+
+
+@pytest.mark.parametrize("mode", ["eager", "graph"])
+def test_filter_gradient_under_the_override_is_tensorflows(mode):
+    """A gradient w.r.t. the kernel taken inside the scope (not what attacks
+    do, but allowed) equals TensorFlow's, together with the input gradient."""
+    rs = np.random.RandomState(4)
+    x = tf.constant(rs.rand(3, 9, 9, 1))
+    kernel = tf.Variable(rs.randn(4, 4, 1, 5))
+
+    def grads(override):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(tf.nn.conv2d(x, kernel, 2, "VALID") ** 2)
+        if not override:
+            return tape.gradient(loss, [x, kernel])
+        with fastgrad.input_gradient_override():
+            return tape.gradient(loss, [x, kernel])
+
+    fn = grads if mode == "eager" else tf.function(grads)
+    fastgrad._COMPILED.clear()
+    (dx, dk), (dx0, dk0) = fn(True), fn(False)
+    assert list(fastgrad._COMPILED)  # the input gradient took the fast path
+    np.testing.assert_allclose(dx.numpy(), dx0.numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dk.numpy(), dk0.numpy(), rtol=1e-12, atol=1e-12)

@@ -140,6 +140,18 @@ def _fast_path_args(op):
     return (x.shape[1], x.shape[2]), (strides[1], strides[2]), padding
 
 
+def _filter_gradient(op, grad):
+    """TensorFlow's filter gradient of ``op`` alone (as in ``nn_grad._Conv2DGrad``)."""
+    from tensorflow.python.ops import gen_nn_ops  # the op TF's own gradient calls
+
+    return gen_nn_ops.conv2d_backprop_filter(
+        op.inputs[0], tf.shape(op.inputs[1]), grad,
+        dilations=op.get_attr("dilations"), strides=op.get_attr("strides"),
+        padding=op.get_attr("padding"), explicit_paddings=op.get_attr("explicit_paddings"),
+        use_cudnn_on_gpu=op.get_attr("use_cudnn_on_gpu"),
+        data_format=op.get_attr("data_format"))
+
+
 class _Override:
     """The swapped registry entry, shared by every thread that holds it."""
 
@@ -178,9 +190,7 @@ class _Override:
                     if args is None:
                         return original(op, grad)
                     skip = getattr(op, "skip_input_indices", None) or ()
-                    # TensorFlow's filter gradient (its input gradient, also
-                    # built here, is pruned from graphs as unused).
-                    dkernel = None if 1 in skip else original(op, grad)[1]
+                    dkernel = None if 1 in skip else _filter_gradient(op, grad)
                     return [_compiled(*args)(grad, op.inputs[1]), dkernel]
 
                 table["Conv2D"] = dict(self.saved, type=gradient)
