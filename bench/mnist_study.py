@@ -39,6 +39,9 @@ PGD = "experiments/mnist_pgd_at.flags"
 WONG = "experiments/mnist_fgsm_rs_wong.flags"
 SIX, THREE = "0,1,2,3,4,5", "0,1,2"
 VAL = ["--validation_size=1000", "--eval_every=1"]  # another data order, best-epoch selection
+# The BS flagfile's settings before session 10 (piecewise lr at 50 %/75 %, the end of the
+# warm-up not judged): pinned by every BS variant measured before it.
+PRE10 = ["--lr_boundaries=", "--failure_warmup_gap=1"]
 OURS = ["--clip_start=true", "--normalize=true", "--init=keras"]  # our defaults before issue 11
 
 
@@ -54,24 +57,36 @@ def _one_of_ours(prefix, flags, seeds, abouts):
 VARIANTS = {
     "trades": ("recipes", TRADES, [], SIX, "TRADES-10, the recipe flagfile"),
     "backward_smoothing": ("recipes", BS, [], SIX,
-                           "Backward Smoothing, the recipe flagfile (since session 8: 5 epochs, "
-                           "warm-up over 2, so 3 at full eps)"),
-    "bs_6ep": ("recipes", BS, ["--epochs=6", "--epsilon_warmup_epochs=2.5"], SIX,
+                           "Backward Smoothing, the recipe flagfile (since session 10: 4 epochs, "
+                           "warm-up over 2, lr 1e-3 until 2.5 then 1e-4; the end of the warm-up "
+                           "judged with a gap of 0.25)"),
+    "bs_rollback": ("recipes", BS, ["--failure_rollback"], "2,3,4",
+                    "the recipe, but a failed attempt continues from the checkpoint at the start "
+                    "of its failed epoch with the new seed instead of restarting from scratch "
+                    "(seeds 0, 1 and 5 never fail: their runs are the recipe's)"),
+    "bs_5ep_w2": ("recipes", BS, PRE10 + ["--epochs=5"], SIX,
+                  "the BS recipe of sessions 8-9: 5 epochs, warm-up over 2 (3 at full eps), "
+                  "piecewise lr /10 at 2.5 and 3.75"),
+    "bs_6ep": ("recipes", BS, PRE10 + ["--epochs=6", "--epsilon_warmup_epochs=2.5"], SIX,
                "the BS recipe of session 7: 6 epochs, warm-up over 2.5 (3.5 at full eps)"),
-    "bs_5ep": ("recipes", BS, ["--epochs=5", "--epsilon_warmup_epochs=2.5"], SIX,
+    "bs_4ep": ("recipes", BS, ["--failure_warmup_gap=1"], SIX,
+               "the session-10 recipe without judging the end of the warm-up (a failed attempt "
+               "restarts after epoch 3, not 2): 4 epochs, warm-up over 2, lr 1e-3 until 2.5 then "
+               "1e-4"),
+    "bs_5ep": ("recipes", BS, PRE10 + ["--epochs=5", "--epsilon_warmup_epochs=2.5"], SIX,
                "the BS recipe before session 7: 5 epochs (warm-up 2.5 epochs, so 2.5 at full eps)"),
-    "bs_warmup_only": ("recipes", BS, ["--epochs=5", "--epsilon_warmup_epochs=2.5", "--failure_restarts=0"], SIX,
+    "bs_warmup_only": ("recipes", BS, PRE10 + ["--epochs=5", "--epsilon_warmup_epochs=2.5", "--failure_restarts=0"], SIX,
                        "BS recipe without the automatic restart (warm-up only)"),
-    "bs_warmup_1": ("recipes", BS, ["--epochs=5", "--epsilon_warmup_epochs=1"], THREE,
+    "bs_warmup_1": ("recipes", BS, PRE10 + ["--epochs=5", "--epsilon_warmup_epochs=1"], THREE,
                     "BS with a warm-up over 1 epoch instead of 2.5 (the first recipe tried)"),
-    "bs_no_warmup": ("recipes", BS, ["--epochs=5", "--epsilon_warmup_epochs=0"], SIX,
+    "bs_no_warmup": ("recipes", BS, PRE10 + ["--epochs=5", "--epsilon_warmup_epochs=0"], SIX,
                      "BS recipe without the epsilon warm-up (= the grid's old MNIST recipe)"),
-    "bs_cosine": ("recipes", BS, ["--epochs=5", "--epsilon_warmup_epochs=2.5", "--lr_schedule=cosine"], SIX,
+    "bs_cosine": ("recipes", BS, PRE10 + ["--epochs=5", "--epsilon_warmup_epochs=2.5", "--lr_schedule=cosine"], SIX,
                   "BS recipe with a cosine learning rate (still 5e-4 when the warm-up ends) "
                   "instead of piecewise (already 1e-4 there)"),
-    "bs_cyclic": ("recipes", BS, ["--epochs=5", "--epsilon_warmup_epochs=2.5", "--lr_schedule=cyclic"], SIX,
+    "bs_cyclic": ("recipes", BS, PRE10 + ["--epochs=5", "--epsilon_warmup_epochs=2.5", "--lr_schedule=cyclic"], SIX,
                   "BS recipe with Wong et al.'s cyclic learning rate (0 -> 1e-3 at 40 % -> 0)"),
-    "bs_step125": ("recipes", BS, ["--epochs=5", "--epsilon_warmup_epochs=2.5", "--step_size=0.375"], "0,1",
+    "bs_step125": ("recipes", BS, PRE10 + ["--epochs=5", "--epsilon_warmup_epochs=2.5", "--step_size=0.375"], "0,1",
                    "BS recipe with step size 1.25 eps = 0.375 (Wong et al.'s FGSM ratio) instead of "
                    "alpha = eps; stopped after 2 seeds (no gain)"),
     "pgd_at": ("recipes", PGD, [], "0,1", "PGD-AT with 40 steps of 0.01, the recipe flagfile"),

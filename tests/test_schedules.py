@@ -102,3 +102,49 @@ def test_config_checks_warmup_epochs(value):
         config_lib.TrainConfig(epochs=10, epsilon_warmup_epochs=value)
     with pytest.raises(config_lib.ConfigError, match="natural"):
         config_lib.TrainConfig(method="natural", epsilon_warmup_epochs=1.0)
+
+
+def _lr_at(schedule, steps):
+    return [float(schedule(step)) for step in steps]
+
+
+def test_piecewise_default_divides_by_ten_at_half_and_three_quarters():
+    from tf_backsmooth import train_lib
+
+    config = config_lib.TrainConfig(epochs=4, lr=1.0, lr_schedule="piecewise")
+    schedule = train_lib.make_schedule(config, steps_per_epoch=10)  # 40 steps
+    # PiecewiseConstantDecay: values[i] while step <= boundaries[i].
+    assert _lr_at(schedule, [0, 20, 21, 30, 31, 39]) == pytest.approx(
+        [1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
+
+
+def test_piecewise_boundaries_are_epochs():
+    from tf_backsmooth import train_lib
+
+    config = config_lib.TrainConfig(epochs=4, lr=1e-3, lr_schedule="piecewise",
+                                    lr_boundaries=[2.5])
+    assert config.lr_boundaries == (2.5,)
+    schedule = train_lib.make_schedule(config, steps_per_epoch=10)
+    assert _lr_at(schedule, [0, 25, 26, 39]) == pytest.approx(
+        [1e-3, 1e-3, 1e-4, 1e-4])
+    three = config_lib.TrainConfig(epochs=4, lr=1.0, lr_boundaries=(1, 2.0, 2.04))
+    # 2.0 and 2.04 epochs both round to step 20: the second moves to step 21.
+    schedule = train_lib.make_schedule(three, steps_per_epoch=10)
+    assert _lr_at(schedule, [10, 11, 20, 21, 22]) == pytest.approx(
+        [1.0, 0.1, 0.1, 0.01, 0.001])
+
+
+@pytest.mark.parametrize("boundaries,match", [
+    ((0.0,), "lr_boundaries must be >"), ((4.0,), "lr_boundaries must be <"),
+    ((2.0, 1.0), "strictly increasing"), ((1.0, 1.0), "strictly increasing"),
+    ("2.5", "list of epochs"), ((float("nan"),), "finite"),
+])
+def test_config_checks_lr_boundaries(boundaries, match):
+    with pytest.raises(config_lib.ConfigError, match=match):
+        config_lib.TrainConfig(epochs=4, lr_boundaries=boundaries)
+
+
+def test_lr_boundaries_need_the_piecewise_schedule():
+    with pytest.raises(config_lib.ConfigError, match="piecewise"):
+        config_lib.TrainConfig(epochs=4, lr_schedule="cyclic", lr_boundaries=(2,))
+    assert config_lib.TrainConfig(epochs=4, lr_schedule="cyclic").lr_boundaries == ()

@@ -64,6 +64,13 @@ def test_defaults_parse_to_a_valid_config():
     (["--epsilon_warmup_epochs=1", "--method=natural"], "epsilon_warmup_epochs"),
     (["--failure_restarts=1", "--eval_every=0"], "failure_restarts"),
     (["--failure_restarts=-1"], "failure_restarts"), (["--failure_gap=2"], "failure_gap"),
+    (["--lr_boundaries=2.5,x"], "lr_boundaries"), (["--lr_boundaries=3,2"], "lr_boundaries"),
+    (["--lr_boundaries=0"], "lr_boundaries"), (["--lr_boundaries=10", "--epochs=10"], "lr_boundaries"),
+    (["--lr_boundaries=2", "--lr_schedule=cosine"], "lr_boundaries"),
+    (["--failure_warmup_gap=0.25"], "failure_warmup_gap"),
+    (["--failure_rollback"], "failure_rollback"),
+    (["--failure_warmup_gap=2", "--failure_restarts=1", "--epsilon_warmup_epochs=1"],
+     "failure_warmup_gap"),
 ])
 def test_rejected_value_names_the_flag(argv, flag):
     with pytest.raises(config_lib.ConfigError, match=flag):
@@ -458,8 +465,8 @@ def test_failure_detector_stops_only_at_full_epsilon_with_a_large_gap():
     from tf_backsmooth import schedules
     from tf_backsmooth.robust_model import RobustModel
 
-    def run(logs, eps=0.3, stop_on_failure=True, step=1000):
-        detector = cb.FailureDetector(eps, 0.2)
+    def run(logs, eps=0.3, stop_on_failure=True, step=1000, end_step=None, warmup_gap=None):
+        detector = cb.FailureDetector(eps, 0.2, warmup_gap)
         detector.stop_on_failure = stop_on_failure
         model = RobustModel(keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)]),
                             epsilon=eps, epsilon_schedule=schedules.EpsilonWarmup(eps, 10))
@@ -469,12 +476,14 @@ def test_failure_detector_stops_only_at_full_epsilon_with_a_large_gap():
         detector.set_model(model)
         model.stop_training = False
         detector.on_epoch_begin(2)
+        model.optimizer.iterations.assign(step if end_step is None else end_step)
         detector.on_epoch_end(2, logs)
         return detector.failed, model.stop_training
 
     # BS seed 4 of docs/MNIST_STUDY.md at the end of epoch 3: 91.5 % vs 37.2 %.
     failed, stop = run({"adv_accuracy": 0.915, "val_robust_accuracy": 0.372, "epsilon": 0.3})
-    assert stop and failed == {"epoch": 3, "adv_accuracy": 0.915, "val_robust_accuracy": 0.372}
+    assert stop and failed == {"epoch": 3, "adv_accuracy": 0.915, "val_robust_accuracy": 0.372,
+                               "end_of_warmup": False}
     assert run({"adv_accuracy": 0.92, "val_robust_accuracy": 0.846, "epsilon": 0.3}) == (None, False)
     # An epoch that starts during the warm-up (step 5 of 10) is not judged, even if
     # it ends at full eps: the model is not meant to be robust there yet.
@@ -486,25 +495,82 @@ def test_failure_detector_stops_only_at_full_epsilon_with_a_large_gap():
     assert failed is not None and not stop
 
 
+def test_lr_boundaries_flag_parses_epochs():
+    assert _parse().lr_boundaries == () == _parse("--lr_boundaries=").lr_boundaries
+    assert _parse("--lr_boundaries=2.5,3").lr_boundaries == (2.5, 3.0)
+
+
+def test_failure_warmup_gap_defaults_to_never():
+    assert _parse().failure_warmup_gap == 1.0
+    assert _parse("--failure_warmup_gap=1").failure_warmup_gap == 1.0  # no restarts needed
+    c = _parse("--failure_warmup_gap=0.25", "--failure_restarts=2", "--epsilon_warmup_epochs=1")
+    assert c.failure_warmup_gap == 0.25
+
+
+def test_failure_detector_judges_the_end_of_the_warm_up_with_its_own_gap():
+    """--failure_warmup_gap: the epoch that starts during the warm-up (step 5 of
+    10) and ends at full eps (step 10) is judged with that gap (unjudged
+    without it); an epoch that ends
+    still warming up (step 8; the step at 9 trains at full eps) is never judged."""
+    import keras
+
+    from tf_backsmooth import callbacks as cb
+    from tf_backsmooth import schedules
+    from tf_backsmooth.robust_model import RobustModel
+
+    def run(val, begin, end, warmup_gap=0.25, adv=0.91):
+        detector = cb.FailureDetector(0.3, 0.2, warmup_gap)
+        model = RobustModel(keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)]),
+                            epsilon=0.3, epsilon_schedule=schedules.EpsilonWarmup(0.3, 10))
+        model.compile(optimizer="sgd")
+        model.optimizer.build(model.trainable_variables)
+        detector.set_model(model)
+        model.stop_training = False
+        model.optimizer.iterations.assign(begin)
+        detector.on_epoch_begin(1)
+        model.optimizer.iterations.assign(end)
+        detector.on_epoch_end(1, {"adv_accuracy": adv, "val_robust_accuracy": val})
+        return detector.failed, model.stop_training
+
+    # The end-of-warm-up numbers of docs/MNIST_STUDY.md (section 11): BS seed 3's
+    # failed attempt (91.0 % vs 62.3 %, gap 0.287) and its healthy restart (gap 0.218).
+    failed, stop = run(0.623, 5, 10, adv=0.910)
+    assert stop and failed["end_of_warmup"] and failed["epoch"] == 2
+    assert failed["val_robust_accuracy"] == pytest.approx(0.623)
+    assert run(0.692, 5, 10, adv=0.910) == (None, False)
+    assert run(0.623, 5, 8, adv=0.910) == (None, False)  # still warming up at its end
+    assert run(0.623, 5, 10, adv=0.910, warmup_gap=None) == (None, False)  # off by default
+    assert run(0.0, 5, 10, adv=1.0, warmup_gap=1.0) == (None, False)  # --failure_warmup_gap=1
+    assert run(0.623, 5, 10, adv=0.910, warmup_gap=0.3) == (None, False)  # 0.287 < 0.3
+    # At full eps the ordinary gap still applies (0.22 > 0.2).
+    assert run(0.692, 10, 20, adv=0.910)[1]
+
+
 @pytest.mark.slow
-def test_failed_run_restarts_with_a_new_seed_and_keeps_the_failed_attempt(tmp_path, mnist_dir):
+@pytest.mark.parametrize("judged", ["full_eps", "end_of_warmup"])
+def test_failed_run_restarts_with_a_new_seed_and_keeps_the_failed_attempt(tmp_path, mnist_dir, judged):
     """With --failure_gap=0 any epoch whose training-attack accuracy exceeds its
     validation PGD accuracy counts as failed: the first attempt stops after
     epoch 1, its files move to attempt_1/, the second attempt (the last one
-    allowed) trains to the end with seed + 1000003, and the costs add up."""
+    allowed) trains to the end with seed + 1000003, and the costs add up.
+    ``end_of_warmup``: the same through --failure_warmup_gap=0 with a 1-epoch
+    warm-up (epoch 1 is the end of the warm-up; --failure_gap alone would not
+    judge it)."""
     from tf_backsmooth import train_lib
 
     run_dir = tmp_path / "restarts"
+    how = (["--epsilon_warmup_epochs=0", "--failure_gap=0"] if judged == "full_eps" else
+           ["--epsilon_warmup_epochs=1", "--failure_gap=1", "--failure_warmup_gap=0"])
     # mlp (no Dropout): its training-attack accuracy exceeds the validation PGD
     # accuracy after epoch 1, which this test needs.
     proc = _run(_tiny(run_dir, mnist_dir, "--model=mlp", "--epochs=2",
-                      "--epsilon_warmup_epochs=0", "--failure_restarts=1",
-                      "--failure_gap=0", "--seed=5"))
+                      "--failure_restarts=1", "--seed=5", *how))
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "FAILED attempt 1 (seed 5) at epoch 1" in proc.stderr
     results = json.loads((run_dir / "results.json").read_text())
     (attempt,) = results["failed_attempts"]
     assert attempt["seed"] == 5 and attempt["epoch"] == 1
+    assert attempt["end_of_warmup"] == (judged == "end_of_warmup")
     assert attempt["adv_accuracy"] > attempt["val_robust_accuracy"]
     assert results["seed"] == train_lib.attempt_seed(5, 1) == 1_000_008
     assert json.loads((run_dir / "manifest.json").read_text())["seed"] == 1_000_008
@@ -515,6 +581,43 @@ def test_failed_run_restarts_with_a_new_seed_and_keeps_the_failed_attempt(tmp_pa
     assert results["train_seconds"] == pytest.approx(
         sum(r["epoch_seconds"] for r in old + new), rel=1e-6)
     assert json.loads((run_dir / "attempts.json").read_text()) == results["failed_attempts"]
+
+
+@pytest.mark.slow
+def test_failed_attempt_rolls_back_to_the_start_of_its_failed_epoch(tmp_path, mnist_dir):
+    """--failure_rollback: the end-of-warm-up epoch 2 fails (gap 0), the next
+    attempt (seed + 1000003) starts from the checkpoint of epoch 1, whose
+    weights and record it keeps, and trains epochs 2-3; only the discarded
+    epoch 2 is the failed attempt's cost, and the costs add up to 4 epochs."""
+    from tf_backsmooth import train_lib
+
+    run_dir = tmp_path / "rollback"
+    proc = _run(_tiny(run_dir, mnist_dir, "--model=mlp", "--epochs=3",
+                      "--epsilon_warmup_epochs=2", "--failure_gap=1",
+                      "--failure_warmup_gap=0", "--failure_rollback",
+                      "--failure_restarts=1", "--seed=5"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert ("FAILED attempt 1 (seed 5) at epoch 2" in proc.stderr
+            and "from the checkpoint of epoch 1" in proc.stderr), proc.stderr[-4000:]
+    assert "starting at epoch 1 (attempt 2, seed 1000008)" in proc.stderr
+    results = json.loads((run_dir / "results.json").read_text())
+    (attempt,) = results["failed_attempts"]
+    assert (attempt["epoch"], attempt["rollback_epoch"], attempt["seed"]) == (2, 1, 5)
+    assert attempt["end_of_warmup"]
+    assert results["seed"] == train_lib.attempt_seed(5, 1)
+    old = [json.loads(ln) for ln in (run_dir / "attempt_1" / "metrics.jsonl").read_text().splitlines()]
+    new = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in old] == [1, 2] and [r["epoch"] for r in new] == [1, 2, 3]
+    assert new[0] == old[0]  # epoch 1 is kept, not trained again
+    assert new[1] != old[1]  # epoch 2 was trained again, with the new seed
+    epoch_evals = 128 * 8 * 3
+    assert attempt["grad_evals"] == epoch_evals  # only epoch 2 was discarded
+    assert results["grad_evals"] == 4 * epoch_evals
+    assert attempt["train_seconds"] == pytest.approx(old[1]["epoch_seconds"], rel=1e-6)
+    assert results["train_seconds"] == pytest.approx(
+        old[1]["epoch_seconds"] + sum(r["epoch_seconds"] for r in new), rel=1e-6)
+    # The rollback checkpoint is the failed attempt's epoch-1 checkpoint.
+    assert (run_dir / "attempt_1" / "backup" / "epoch-1.npz").exists()
 
 
 @pytest.mark.skipif(bool(__import__("tensorflow").config.list_physical_devices("GPU")),

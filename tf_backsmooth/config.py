@@ -131,6 +131,27 @@ class AttackParams:
         return self
 
 
+def check_lr_boundaries(boundaries, epochs, schedule="piecewise"):
+    """Returns ``boundaries`` as a tuple of floats after checking they are
+    strictly increasing epochs inside (0, epochs) of a piecewise schedule."""
+    if boundaries is None:
+        return ()
+    if isinstance(boundaries, (str, bytes)) or not isinstance(
+            boundaries, (list, tuple)):
+        raise ConfigError("lr_boundaries must be a list of epochs, got "
+                          f"{boundaries!r}")
+    out = tuple(check_real("lr_boundaries", b, low=0.0, low_open=True,
+                           high=float(epochs), high_open=True)
+                for b in boundaries)
+    if any(b >= c for b, c in zip(out, out[1:])):
+        raise ConfigError(f"lr_boundaries must be strictly increasing, got "
+                          f"{list(out)}")
+    if out and schedule != "piecewise":
+        raise ConfigError(f"lr_boundaries only applies to lr_schedule="
+                          f"'piecewise', not {schedule!r}")
+    return out
+
+
 def as_dict(record) -> dict:
     """A JSON-friendly dict of a (possibly nested) config dataclass."""
     out = {}
@@ -225,6 +246,9 @@ class TrainConfig:
     lr: float = 0.01
     momentum: float = 0.9
     lr_schedule: str = "piecewise"
+    # Epochs (floats) at which "piecewise" divides the learning rate by 10;
+    # empty: at 50 % and 75 % of training (the paper).
+    lr_boundaries: tuple = ()
     weight_decay: float = 0.0
     model_dir: str = "runs/default"
     seed: int = 0
@@ -258,6 +282,12 @@ class TrainConfig:
     # Restart with another seed when validation shows a failed run.
     failure_restarts: int = 0
     failure_gap: float = FAILURE_GAP
+    # Also judge the epoch that ends the epsilon warm-up, with this gap
+    # (1: never, a gap of accuracies cannot exceed 1).
+    failure_warmup_gap: float = 1.0
+    # A failed attempt's successor starts from the checkpoint at the start of
+    # the failed epoch instead of from scratch.
+    failure_rollback: bool = False
 
     def __post_init__(self):
         check_choice("dataset", self.dataset, DATASETS)
@@ -268,6 +298,8 @@ class TrainConfig:
         check_choice("method", self.method, METHODS)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        object.__setattr__(self, "lr_boundaries", check_lr_boundaries(
+            self.lr_boundaries, self.epochs, self.lr_schedule))
         check_choice("strategy", self.strategy, STRATEGIES)
         check_choice("dtype_policy", self.dtype_policy, DTYPE_POLICIES)
         check_choice("jit_compile", self.jit_compile, (True, False, "auto"))
@@ -319,6 +351,17 @@ class TrainConfig:
         check_int("co_guard_max_collapses", self.co_guard_max_collapses, low=1)
         check_int("failure_restarts", self.failure_restarts, low=0, high=10)
         check_real("failure_gap", self.failure_gap, low=0.0, high=1.0)
+        check_real("failure_warmup_gap", self.failure_warmup_gap, low=0.0,
+                   high=1.0)
+        if self.failure_warmup_gap < 1.0 and not (
+                self.failure_restarts and self.epsilon_warmup_epochs):
+            raise ConfigError("failure_warmup_gap below 1 needs failure_restarts > 0 "
+                              "and an epsilon warm-up (epsilon_warmup_epochs > 0)")
+        if not isinstance(self.failure_rollback, bool):
+            raise ConfigError(f"failure_rollback must be a bool, got "
+                              f"{self.failure_rollback!r}")
+        if self.failure_rollback and not self.failure_restarts:
+            raise ConfigError("failure_rollback needs failure_restarts > 0")
         if self.failure_restarts and (not self.eval_every or self.method == "natural"):
             raise ConfigError("failure_restarts needs robust validation (eval_every > 0) "
                               "and an adversarial method")

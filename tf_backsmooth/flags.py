@@ -103,6 +103,10 @@ def define_flags(flag_values=flags.FLAGS):
     _define(fv, flags.DEFINE_enum, "lr_schedule", d.lr_schedule, config_lib.LR_SCHEDULES,
                       "piecewise: /10 at 50% and 75% of training (the paper); "
                       "cyclic: linear up to lr at 40% then down to 0; cosine.")
+    _define(fv, flags.DEFINE_list, "lr_boundaries", list(d.lr_boundaries),
+            "piecewise only: the epochs (floats, increasing) at which the "
+            "learning rate is divided by 10, e.g. 2.5 or 2.5,3.75 (empty: at "
+            "50% and 75% of training).")
     _define(fv, flags.DEFINE_float, "weight_decay", d.weight_decay,
                        "Weight decay, Keras' decoupled form (w -= lr * wd * w); the "
                        "PyTorch references add wd * w to the gradient instead "
@@ -174,6 +178,15 @@ def define_flags(flag_values=flags.FLAGS):
             "attempt_K/ and counted in the training time).")
     _define(fv, flags.DEFINE_float, "failure_gap", d.failure_gap,
             "Training-attack minus validation PGD accuracy that marks a failed run.")
+    _define(fv, flags.DEFINE_float, "failure_warmup_gap", d.failure_warmup_gap,
+            "Also judge the epoch in which the epsilon warm-up ends, with this "
+            "(looser) gap; a failure found there restarts one epoch earlier "
+            "(1, the default: never, a gap of accuracies cannot exceed 1).")
+    _define(fv, flags.DEFINE_bool, "failure_rollback", d.failure_rollback,
+            "Start the next attempt after a failure from the checkpoint at the "
+            "start of the failed epoch (with the new seed: new data order and "
+            "attack draws) instead of from scratch; only the discarded epochs "
+            "are counted as the failed attempt's cost.")
     _define(fv, flags.DEFINE_integer, "verbose", None, "Keras verbosity: 0 silent, 1 "
                          "progress bar, 2 one line per epoch (default: 1 on a "
                          "terminal, else 2).")
@@ -234,9 +247,22 @@ def config_from_flags(FLAGS) -> config_lib.TrainConfig:  # noqa: N803
         values["verbose"] = 1 if sys.stdout.isatty() else 2
     values["jit_compile"] = {"true": True, "false": False,
                              "auto": "auto"}[FLAGS.jit_compile]
+    values["lr_boundaries"] = _floats("lr_boundaries", FLAGS.lr_boundaries)
     values["method_kwargs"] = {k: FLAGS[k].value for k in _METHOD_KWARGS
                                if FLAGS[k].value is not None}
     return config_lib.TrainConfig(**values)
+
+
+def _floats(name, items):
+    out = []
+    for item in items or ():
+        try:
+            out.append(float(item))
+        except ValueError:
+            raise config_lib.ConfigError(
+                f"{name}: {item!r} is not a number (expected a comma-separated "
+                "list of numbers)") from None
+    return tuple(out)
 
 
 def flags_text(FLAGS) -> str:  # noqa: N803

@@ -50,6 +50,13 @@ def _config_payload(config):
     # Fields that may change between a run and its resumption.
     for key in ("verbose", "overwrite"):
         payload.pop(key, None)
+    # Added in session 10: absent when unused, so runs started before resume.
+    if not payload.get("lr_boundaries"):
+        payload.pop("lr_boundaries", None)
+    if payload.get("failure_warmup_gap") == 1.0:
+        payload.pop("failure_warmup_gap", None)
+    if not payload.get("failure_rollback"):
+        payload.pop("failure_rollback", None)
     return payload
 
 
@@ -203,9 +210,16 @@ def make_schedule(config, steps_per_epoch):
     if config.lr_schedule == "constant":
         return lr
     if config.lr_schedule == "piecewise":
-        bounds = [max(1, int(total * 0.5)), max(2, int(total * 0.75))]
+        if config.lr_boundaries:
+            bounds = [int(round(b * steps_per_epoch)) for b in config.lr_boundaries]
+            # Boundaries closer than one step would share a step: keep them
+            # strictly increasing (PiecewiseConstantDecay's requirement).
+            for i in range(1, len(bounds)):
+                bounds[i] = max(bounds[i], bounds[i - 1] + 1)
+        else:
+            bounds = [max(1, int(total * 0.5)), max(2, int(total * 0.75))]
         return keras.optimizers.schedules.PiecewiseConstantDecay(
-            bounds, [lr, lr / 10, lr / 100])
+            bounds, [lr / 10 ** i for i in range(len(bounds) + 1)])
     if config.lr_schedule == "cosine":
         return keras.optimizers.schedules.CosineDecay(lr, max(total, 1))
     # cyclic: linear 0 -> lr over the first 40%, then lr -> 0 (Wong et al.).
@@ -342,7 +356,8 @@ def make_callbacks(config, model, val, global_batch, is_chief=True,
             total_epochs=config.epochs))
         out.append(cb.BestCheckpoint(config.model_dir, is_chief=is_chief))
         if config.failure_restarts:
-            out.append(cb.FailureDetector(config.epsilon, config.failure_gap))
+            out.append(cb.FailureDetector(config.epsilon, config.failure_gap,
+                                          config.failure_warmup_gap))
     out.append(cb.RunLog(config.model_dir, global_batch, is_chief=is_chief))
     if config.tensorboard and is_chief:
         log_dir = os.path.join(config.model_dir, "tensorboard")
@@ -420,10 +435,15 @@ def _read_attempts(model_dir):
     return fileio.read_json(os.path.join(model_dir, ATTEMPTS), default=[])
 
 
-def _archive_attempt(model_dir, number, attempts):
+def _archive_attempt(model_dir, number, attempts, rollback_epoch=0):
     """Moves a failed attempt's files to ``attempt_<number>/`` (nothing is
     deleted), then records the attempts, so a killed run resumes into the
-    next attempt with the right seed."""
+    next attempt with the right seed.
+
+    ``rollback_epoch`` > 0 (``--failure_rollback``): the next attempt starts
+    from that epoch's checkpoint instead of from scratch, so the checkpoint
+    and the records of epochs up to it are copied back first (a kill before
+    ``attempts.json`` is written replays the failed attempt from there)."""
     folder = os.path.join(model_dir, f"attempt_{number}")
     repeat = 1
     while os.path.exists(folder):  # left by a kill during an earlier archive
@@ -434,7 +454,45 @@ def _archive_attempt(model_dir, number, attempts):
         path = os.path.join(model_dir, name)
         if os.path.exists(path):
             os.replace(path, os.path.join(folder, name))
+    if rollback_epoch:
+        name = f"epoch-{rollback_epoch}.npz"
+        with open(os.path.join(folder, BACKUP, name), "rb") as f:
+            data = f.read()
+        os.makedirs(os.path.join(model_dir, BACKUP), exist_ok=True)
+        fileio.write_bytes(os.path.join(model_dir, BACKUP, name), data)
+        kept = [r for r in fileio.read_jsonl(os.path.join(folder, "metrics.jsonl"))
+                if r["epoch"] <= rollback_epoch]
+        fileio.write_jsonl(os.path.join(model_dir, "metrics.jsonl"), kept)
     fileio.write_json(os.path.join(model_dir, ATTEMPTS), attempts)
+
+
+def _discarded_cost(model_dir, rollback_epoch, train_seconds, grad_evals):
+    """Seconds and gradient evaluations of a failed attempt's epochs after
+    ``rollback_epoch`` (those the next attempt does not keep)."""
+    if not rollback_epoch:
+        return train_seconds, grad_evals
+    records = {r["epoch"]: r for r in
+               fileio.read_jsonl(os.path.join(model_dir, "metrics.jsonl"))}
+    kept = records.get(rollback_epoch)
+    if kept is None:  # no record of that epoch: count nothing as kept
+        return train_seconds, grad_evals
+    kept_seconds = sum(r.get("epoch_seconds", 0.0) for e, r in records.items()
+                       if e <= rollback_epoch)
+    return (train_seconds - kept_seconds,
+            grad_evals - float(kept.get("grad_evals", 0.0)))
+
+
+def _rollback_epoch(config, failed_epoch, model_dir):
+    """The epoch the next attempt starts from: 0 (from scratch), or with
+    ``--failure_rollback`` the start of the failed epoch when its checkpoint
+    exists."""
+    epoch = failed_epoch - 1 if config.failure_rollback else 0
+    if epoch > 0 and not os.path.exists(
+            os.path.join(model_dir, BACKUP, f"epoch-{epoch}.npz")):
+        log.warning("no checkpoint of epoch %d to roll back to: the next "
+                    "attempt starts from scratch", epoch)
+        return 0
+    return epoch
 
 
 def _find(callbacks, cls):
@@ -588,19 +646,24 @@ def _run(config, strategy, is_chief, flags_text):
         if (detector is None or detector.failed is None
                 or not detector.stop_on_failure):
             break
+        rollback = _rollback_epoch(config, detector.failed["epoch"],
+                                   config.model_dir)
+        wasted_seconds, wasted_evals = _discarded_cost(
+            config.model_dir, rollback, train_seconds, _total_grad_evals(callbacks))
         attempts.append(dict(detector.failed, seed=config.seed,
-                             train_seconds=train_seconds,
-                             grad_evals=_total_grad_evals(callbacks)))
+                             train_seconds=wasted_seconds,
+                             grad_evals=wasted_evals, rollback_epoch=rollback))
         log.warning("FAILED attempt %d (seed %d) at epoch %d: %.1f %% accurate on "
                     "its own training attack, %.1f %% under validation PGD; "
-                    "restarting with seed %d (%d restart(s) left)", len(attempts),
-                    config.seed, detector.failed["epoch"],
+                    "restarting with seed %d from %s (%d restart(s) left)",
+                    len(attempts), config.seed, detector.failed["epoch"],
                     100 * detector.failed["adv_accuracy"],
                     100 * detector.failed["val_robust_accuracy"],
                     attempt_seed(base_config.seed, len(attempts)),
+                    f"the checkpoint of epoch {rollback}" if rollback else "scratch",
                     base_config.failure_restarts - len(attempts))
         if is_chief:
-            _archive_attempt(config.model_dir, len(attempts), attempts)
+            _archive_attempt(config.model_dir, len(attempts), attempts, rollback)
         del model, callbacks
 
     selected = "last"
