@@ -445,6 +445,47 @@ def test_wong_flagfile_is_their_recipe_flag_for_flag():
     assert (c.validation_size, c.eval_every, c.epsilon_warmup_epochs) == (0, 0, 0.0)
 
 
+def test_bs_flagfile_schedule_is_the_recipe_its_header_states():
+    """experiments/mnist_backward_smoothing.flags (docs/MNIST_STUDY.md section 12): 460 steps
+    per epoch (59 000 training images, batch 128), epsilon ramps to 0.3 over 2 epochs (920
+    steps), lr 1e-3 until epoch 2.5 (step 1150) then 1e-4 to the end, and epoch 2 (the one
+    that ends the warm-up) is judged with a gap of 0.25, the full-eps epochs with 0.2."""
+    import keras
+
+    from tf_backsmooth import callbacks as cb
+    from tf_backsmooth import schedules, train_lib
+    from tf_backsmooth.robust_model import RobustModel
+
+    c = _parse(f"--flagfile={REPO / 'experiments' / 'mnist_backward_smoothing.flags'}")
+    assert (c.method, c.epsilon, c.epochs, c.batch_size, c.optimizer, c.lr) == (
+        "backward_smoothing", 0.3, 4, 128, "adam", 0.001)
+    assert (c.lr_schedule, c.lr_boundaries, c.epsilon_warmup_epochs) == ("piecewise", (2.5,), 2.0)
+    assert (c.failure_restarts, c.failure_gap, c.failure_warmup_gap, c.failure_rollback) == (
+        2, 0.2, 0.25, False)
+    steps = train_lib.steps_per_epoch(60_000 - 1000, c.batch_size)
+    assert steps == 460
+    lr = train_lib.make_schedule(c, steps)
+    assert [float(lr(s)) for s in (0, 1150, 1151, 4 * steps - 1)] == pytest.approx(
+        [1e-3, 1e-3, 1e-4, 1e-4])
+    assert schedules.warmup_steps(c.epsilon_warmup_epochs, steps) == 920
+    detector = cb.FailureDetector(c.epsilon, c.failure_gap, c.failure_warmup_gap)
+    model = RobustModel(keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)]),
+                        epsilon=c.epsilon, epsilon_schedule=schedules.EpsilonWarmup(c.epsilon, 920))
+    model.compile(optimizer="sgd")
+    model.optimizer.build(model.trainable_variables)
+    detector.set_model(model)
+    for begin, end, logs, fails in (
+            (0, 460, {"adv_accuracy": 0.91, "val_robust_accuracy": 0.01}, False),  # epoch 1
+            (460, 920, {"adv_accuracy": 0.91, "val_robust_accuracy": 0.69}, False),  # gap 0.22
+            (460, 920, {"adv_accuracy": 0.91, "val_robust_accuracy": 0.62}, True)):  # gap 0.29
+        detector.failed = None
+        model.optimizer.iterations.assign(begin)
+        detector.on_epoch_begin(0)
+        model.optimizer.iterations.assign(end)
+        detector.on_epoch_end(0, logs)
+        assert (detector.failed is not None) == fails, (begin, logs)
+
+
 def test_normalize_false_gives_raw_pixels_to_the_network():
     import keras
 
