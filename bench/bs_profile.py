@@ -30,7 +30,7 @@ import keras  # noqa: E402
 import step_cost  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from tf_backsmooth import attacks, methods, objectives  # noqa: E402
+from tf_backsmooth import attacks, fused_bn, methods, objectives  # noqa: E402
 
 
 def best_time(fn, repeats, *args):
@@ -59,7 +59,8 @@ def pieces(model_name, batch_size, jit, repeats):
     fwd_inf, input_backward, full_backward = step_cost.pass_fns(base)
 
     def fwd_train(x):
-        return base(x, training=True)
+        with fused_bn.training_override(base):  # as RobustModel's step runs it
+            return base(x, training=True)
 
     def bs_attack(x):
         return attacks.backward_smoothing_with_logits(
@@ -69,7 +70,7 @@ def pieces(model_name, batch_size, jit, repeats):
 
     def bs_objective(x, x_adv):
         train_fn = lambda t: base(t, training=True)  # noqa: E731
-        with tf.GradientTape() as tape:
+        with fused_bn.training_override(base), tf.GradientTape() as tape:
             terms = methods.trades_objective(
                 train_fn, x, y, methods.AttackOutput(x_adv), params, seed)
             loss = objectives.replica_mean(terms.natural + terms.robust, None, 1)

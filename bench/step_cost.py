@@ -47,7 +47,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from tf_backsmooth import data, fastgrad, methods, models  # noqa: E402
+from tf_backsmooth import data, fastgrad, fused_bn, methods, models  # noqa: E402
 from tf_backsmooth.robust_model import RobustModel  # noqa: E402
 
 SHAPES = {"small_cnn": (28, 28, 1), "mnist_cnn": (28, 28, 1), "mlp": (28, 28, 1),
@@ -90,7 +90,8 @@ def pass_fns(base):
     """The three passes of ``base``: forward (inference), input-only backward
     (gradient of the summed logits w.r.t. the input, taken as the attacks take
     it: under ``fastgrad.input_gradient_override``) and full backward
-    (training mode, gradient w.r.t. every trainable weight)."""
+    (training mode, gradient w.r.t. every trainable weight, with BatchNorm
+    fused as ``RobustModel``'s step runs it: ``fused_bn.training_override``)."""
     weights = base.trainable_variables
 
     def forward(x):
@@ -104,9 +105,10 @@ def pass_fns(base):
             return tape.gradient(out, x)
 
     def full_backward(x):
-        with tf.GradientTape() as tape:
-            out = tf.reduce_sum(base(x, training=True))
-        return tape.gradient(out, weights)
+        with fused_bn.training_override(base):  # as RobustModel's step runs it
+            with tf.GradientTape() as tape:
+                out = tf.reduce_sum(base(x, training=True))
+            return tape.gradient(out, weights)
 
     return forward, input_backward, full_backward
 
@@ -160,8 +162,12 @@ def main():
     p.add_argument("--fastgrad", choices=("on", "off"), default="on",
                    help="off: the attacks use TensorFlow's own Conv2D input gradient "
                         "(tf_backsmooth.fastgrad.ENABLED = False)")
+    p.add_argument("--fused_bn", choices=("on", "off"), default="on",
+                   help="off: Keras' unfused training-mode BatchNorm "
+                        "(tf_backsmooth.fused_bn.ENABLED = False)")
     args = p.parse_args()
     fastgrad.ENABLED = "auto" if args.fastgrad == "on" else False
+    fused_bn.ENABLED = "auto" if args.fused_bn == "on" else False
     names = args.methods.split(",")
     if "natural" not in names:
         names.insert(0, "natural")

@@ -30,7 +30,9 @@ Each ``--tf_modes`` entry is a ``jit_compile`` value for ``RobustModel.compile``
 ``graph`` (False), ``xla`` (True), ``auto`` (the package's rule; the printed
 line says what it chose and why), ``graph_tfgrad`` (graph mode with
 ``tf_backsmooth.fastgrad`` off: TensorFlow's own input gradient for the first
-convolution, the "before" of that change in the same run). Every round times each (network, framework
+convolution, the "before" of that change in the same run), ``graph_kerasbn``
+(graph mode with ``tf_backsmooth.fused_bn`` off: Keras' unfused training-mode
+BatchNorm, the "before" of session 11). Every round times each (network, framework
 or TF mode) for its steps, alternating frameworks; the median over rounds is
 reported, with ``ours / PyTorch throughput = t_torch / t_ours``.
 """
@@ -55,7 +57,7 @@ import numpy as np  # noqa: E402
 import step_cost  # noqa: E402  (bench/step_cost.py)
 import tensorflow as tf  # noqa: E402
 
-from tf_backsmooth import fastgrad, models  # noqa: E402
+from tf_backsmooth import fastgrad, fused_bn, models  # noqa: E402
 from tf_backsmooth.robust_model import RobustModel  # noqa: E402
 
 NETS = {  # name: (input HWC, batch, eps)
@@ -66,7 +68,10 @@ GAMMA, BETA, LR, MOMENTUM = 1.0, 6.0, 0.01, 0.9
 MODES = {"graph": False, "xla": True, "auto": "auto",
          # graph mode with TensorFlow's own Conv2D input gradient in the attack
          # (tf_backsmooth.fastgrad off): the "before" of session 9, same run
-         "graph_tfgrad": False}
+         "graph_tfgrad": False,
+         # graph mode with Keras' unfused training-mode BatchNorm
+         # (tf_backsmooth.fused_bn off): the "before" of session 11, same run
+         "graph_kerasbn": False}
 
 
 # ----------------------------------------------------------------------------
@@ -189,14 +194,18 @@ def tf_runner(net, mode):
     x = rs.rand(batch * 4, *shape).astype(np.float32)
     y = rs.randint(0, 10, batch * 4)
     ds = step_cost.bench_dataset(x, y, batch)
-    fastgrad.ENABLED = False if mode == "graph_tfgrad" else "auto"  # read while tracing
+    # Both are read while tracing.
+    fastgrad.ENABLED = False if mode == "graph_tfgrad" else "auto"
+    fused_bn.ENABLED = False if mode == "graph_kerasbn" else "auto"
     try:
         model.fit(ds, steps_per_epoch=3, epochs=1, verbose=0)  # trace, compile, warm up
     finally:
-        fastgrad.ENABLED = "auto"
+        fastgrad.ENABLED = fused_bn.ENABLED = "auto"
     info = f"xla={'on' if model.xla else 'off'} ({model.xla_reason})"
     if mode == "graph_tfgrad":
         info = "TF conv grad, " + info
+    if mode == "graph_kerasbn":
+        info = "Keras BN, " + info
     return (lambda steps: step_cost.time_steps(model, ds, steps)), info
 
 
@@ -211,7 +220,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--nets", default="small_cnn,resnet18")
     p.add_argument("--tf_modes", default="graph,auto",
-                   help="comma list of graph (jit_compile=False), xla (True), auto, graph_tfgrad")
+                   help="comma list of graph (jit_compile=False), xla (True), auto, graph_tfgrad, "
+                   "graph_kerasbn")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps_small", type=int, default=10, help="steps per round, SmallCNN")
     p.add_argument("--steps_resnet", type=int, default=2, help="steps per round, ResNet-18")

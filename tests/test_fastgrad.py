@@ -178,7 +178,7 @@ def test_describe_names_the_gradient_in_use(monkeypatch):
 def test_auto_leaves_accelerators_alone(monkeypatch):
     """Measured on CPUs only: with a GPU visible ``"auto"`` keeps TF's gradient."""
     assert fastgrad.ENABLED == "auto"
-    monkeypatch.setattr(fastgrad, "_accelerator", lambda: "GPU")
+    monkeypatch.setattr(fastgrad, "accelerator", lambda: "GPU")
     fastgrad._COMPILED.clear()
     before = _registered()
     with fastgrad.input_gradient_override():

@@ -152,6 +152,7 @@ def test_run_directory_contents(finished_run):
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["xla"]["used"] is False and "reason" in manifest["xla"]
     assert manifest["attack_conv_input_gradient"].startswith("fastgrad: matmul + col2im")
+    assert manifest["training_batchnorm"] == "no BatchNorm layer"  # small_cnn
     assert "--epsilon=0.1" in (run_dir / "flags.txt").read_text()
     records = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3, 4]

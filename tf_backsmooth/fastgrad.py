@@ -210,8 +210,8 @@ class _Override:
 _OVERRIDE = _Override()
 
 
-def _accelerator():
-    """The kind of accelerator visible to TensorFlow, or None."""
+def accelerator():
+    """The kind of accelerator visible to TensorFlow (``"GPU"``, ``"TPU"``), or None."""
     for kind in ("GPU", "TPU"):
         if tf.config.list_physical_devices(kind):
             return kind
@@ -220,7 +220,7 @@ def _accelerator():
 
 def _enabled():
     if ENABLED == "auto":
-        return _accelerator() is None
+        return accelerator() is None
     return bool(ENABLED)
 
 
@@ -256,5 +256,5 @@ def override_status():
 
 def _off_reason():
     if ENABLED == "auto":
-        return f"fastgrad.ENABLED is 'auto' and a {_accelerator()} is visible"
+        return f"fastgrad.ENABLED is 'auto' and a {accelerator()} is visible"
     return "fastgrad.ENABLED is False"

@@ -34,7 +34,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_backsmooth import attacks, objectives, rng, schedules
+from tf_backsmooth import attacks, fused_bn, objectives, rng, schedules
 from tf_backsmooth import methods as methods_lib
 
 log = logging.getLogger("tf_backsmooth")
@@ -489,7 +489,13 @@ class RobustModel(keras.Model):
 
         ``epsilon`` (a scalar tensor) overrides the attack budget of this
         step when an epsilon schedule is set; ``None`` keeps ``params``.
+        Training-mode BatchNorm runs as one fused kernel here (see
+        :mod:`tf_backsmooth.fused_bn`; equal to Keras' up to rounding).
         """
+        with fused_bn.training_override(self.base_model):
+            return self._attack_and_objective(x, y, sample_weight, seed, epsilon)
+
+    def _attack_and_objective(self, x, y, sample_weight, seed, epsilon):
         method = self.method
         params = self._scheduled_params(epsilon)
         num_replicas = tf.distribute.get_strategy().num_replicas_in_sync

@@ -316,7 +316,7 @@ def manifest(config, model, strategy_name, num_replicas):
     import keras
     import tensorflow as tf
 
-    from tf_backsmooth import __version__, fastgrad
+    from tf_backsmooth import __version__, fastgrad, fused_bn
 
     return {
         "tf_backsmooth": __version__,
@@ -330,6 +330,8 @@ def manifest(config, model, strategy_name, num_replicas):
         "xla": {"requested": str(config.jit_compile), "used": model.xla,
                 "reason": model.xla_reason},
         "attack_conv_input_gradient": fastgrad.describe(),
+        "training_batchnorm": (fused_bn.describe() if not model.batch_independent
+                               else "no BatchNorm layer"),
         "seed": config.seed,
         "method": config.method,
         "params": config_lib.as_dict(model.params),
