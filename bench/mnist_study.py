@@ -90,7 +90,13 @@ VARIANTS = {
                    "BS recipe with step size 1.25 eps = 0.375 (Wong et al.'s FGSM ratio) instead of "
                    "alpha = eps; stopped after 2 seeds (no gain)"),
     "pgd_at": ("recipes", PGD, [], "0,1", "PGD-AT with 40 steps of 0.01, the recipe flagfile"),
-    "wong": ("wong", WONG, [], THREE, "Wong et al.'s FGSM-RS recipe, flag for flag"),
+    "wong": ("wong", WONG, [], SIX, "Wong et al.'s FGSM-RS recipe, flag for flag"),
+    "wong_s4code": ("wong", WONG, [], THREE,
+                    "the same flagfile and seeds, trained in session 4 on another VM with that "
+                    "session's code (before session 9's fastgrad: the attack's input gradient "
+                    "through the first convolution came from TensorFlow's kernel, equal up to "
+                    "float rounding); report only: the current code retrains these seeds as "
+                    "`wong`"),
     "wong_initbug": ("wong", WONG, [], THREE,
                      "the same, measured in session 3 with the `--init=torch` bug (each bias a "
                      "copy of the first entries of its layer's kernel; fixed in session 4); "
@@ -114,7 +120,7 @@ VARIANTS = {
                   "Keras init)"),
 }
 EVALS = {"recipes": ("strong",), "wong": ("wong",)}
-REPORT_ONLY = {"wong_initbug"}  # rows kept from code that no longer exists
+REPORT_ONLY = {"wong_initbug", "wong_s4code"}  # rows kept from code that no longer exists
 STORE = "bench/results_mnist_study.json"  # per-run numbers, committed (runs/ is not)
 STORE_ABOUT = (
     "Per-run numbers of docs/MNIST_STUDY.md, one record per run directory name "
