@@ -91,6 +91,10 @@ VARIANTS = {
                    "alpha = eps; stopped after 2 seeds (no gain)"),
     "pgd_at": ("recipes", PGD, [], "0,1", "PGD-AT with 40 steps of 0.01, the recipe flagfile"),
     "wong": ("wong", WONG, [], SIX, "Wong et al.'s FGSM-RS recipe, flag for flag"),
+    "wong_co_guard": ("wong", WONG, ["--co_guard"], SIX,
+                      "... with the catastrophic-overfitting guard at its defaults (PGD-10 vs FGSM "
+                      "on 128 training images every 200 steps; on a collapse, roll back and halve "
+                      "the FGSM step: still FGSM-RS, docs/CO_GUARD.md)"),
     "wong_s4code": ("wong", WONG, [], THREE,
                     "the same flagfile and seeds, trained in session 4 on another VM with that "
                     "session's code (before session 9's fastgrad: the attack's input gradient "
