@@ -78,7 +78,8 @@ def fused_training_call(layer, inputs):
     """``layer(inputs, training=True)`` with one ``FusedBatchNormV3`` op.
 
     Normalises with the batch statistics and updates the moving statistics
-    exactly as Keras' ``BatchNormalization.call`` does (biased variance).
+    as Keras' ``BatchNormalization.call`` does (biased variance), up to float
+    rounding.
     ``inputs``: a 4-D float32 NHWC tensor, normalised over the channels.
     """
     empty = tf.constant([], tf.float32)
@@ -86,8 +87,8 @@ def fused_training_call(layer, inputs):
         x=inputs, scale=layer.gamma, offset=layer.beta, mean=empty,
         variance=empty, epsilon=layer.epsilon, exponential_avg_factor=1.0,
         data_format="NHWC", is_training=True)
-    # The kernel returns n / (n - 1) times the biased variance (1 for n = 1).
-    # For n = 1 both are 0.
+    # The kernel returns n / (n - 1) times the biased variance (for n = 1
+    # both are 0, and so is this).
     n = tf.cast(tf.size(inputs) // tf.shape(inputs)[-1], tf.float32)
     variance = unbiased * (n - 1.0) / n
     momentum = layer.momentum
@@ -113,7 +114,8 @@ class _Patches:
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.depth = {}  # id(layer) -> (layer, holders)
+        # id(layer) -> (layer, holders); the layer is kept so its id stays its own.
+        self.depth = {}
 
     def enter(self, layers):
         """Patches ``layers``; returns those it holds (to pass to ``exit``)."""
