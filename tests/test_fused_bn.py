@@ -120,21 +120,26 @@ def test_override_fuses_only_eligible_training_calls_and_restores_the_layer():
 def test_override_is_reentrant_across_threads_and_off_when_disabled(monkeypatch):
     layer = _layer()
     model = keras.Sequential([keras.Input((5, 4, 3)), layer])
-    barrier = threading.Barrier(2)
+    inside, first_left = threading.Barrier(2), threading.Event()
     seen = []
 
-    def hold():
+    def first():
         with fused_bn.training_override(model):
-            barrier.wait()
-            seen.append("call" in layer.__dict__)
-            barrier.wait()  # both inside: the first to leave must not unpatch
+            inside.wait()
+        first_left.set()
 
-    threads = [threading.Thread(target=hold) for _ in range(2)]
+    def second():
+        with fused_bn.training_override(model):
+            inside.wait()
+            first_left.wait(10)
+            seen.append("call" in layer.__dict__)  # still held by this thread
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert seen == [True, True] and "call" not in layer.__dict__
+    assert first_left.is_set() and seen == [True] and "call" not in layer.__dict__
     with fused_bn.training_override(model):
         with fused_bn.training_override(model):
             pass
