@@ -6,13 +6,16 @@
 
 For every ``Conv2D`` layer of the network (``models.get``, built for its
 input shape) this times, on random data and in one process, the two
-framework's work for that layer in a training step (forward, input gradient
+frameworks' work for that layer in a training step (forward, input gradient
 and filter gradient) and in an attack step (forward and input gradient
 only):
 
 * ``tf model``: what our models run (``models.layers.conv2d``), in a
   ``tf.function``: a ``SAME`` convolution where that equals PyTorch's
   padding (stride 1), else Keras' ``ZeroPadding2D`` then a ``VALID`` one;
+  TensorFlow's own gradients (our attacks take the input gradient of a
+  convolution with at most 4 input channels, e.g. the stem, with
+  ``tf_backsmooth.fastgrad``, faster than shown here);
 * ``tf explicit``: one ``Conv2D`` with the same padding given as
   ``EXPLICIT`` (no separate pad op; the same op as ``tf model`` for SAME layers);
 * ``torch``: ``torch.nn.functional.conv2d`` with the same padding, NCHW,
@@ -81,7 +84,8 @@ def conv_layers(name, batch):
     return out
 
 
-def best_ms(fn, rounds_inner):
+def mean_ms(fn, rounds_inner):
+    """Mean milliseconds per call over ``rounds_inner`` calls, after one warm-up call."""
     fn()
     t = time.perf_counter()
     for _ in range(rounds_inner):
@@ -89,7 +93,7 @@ def best_ms(fn, rounds_inner):
     return (time.perf_counter() - t) / rounds_inner * 1e3
 
 
-def make(label, shape, pad, kshape, stride, train):
+def make(shape, pad, kshape, stride, train):
     rng = np.random.default_rng(0)
     x = rng.random(shape, dtype=np.float32)
     k = (rng.standard_normal(kshape, dtype=np.float32) * 0.05)
@@ -144,11 +148,11 @@ def main():
               f"{'tf explicit':>12s} {'torch':>8s} {'torch/tf':>9s}")
         totals = {}
         for label, shape, pad, kshape, stride in layers:
-            fns = make(label, shape, pad, kshape, stride, train)
+            fns = make(shape, pad, kshape, stride, train)
             times = {k: float("inf") for k in fns}
             for _ in range(args.rounds):
                 for k, fn in fns.items():
-                    times[k] = min(times[k], best_ms(fn, args.inner))
+                    times[k] = min(times[k], mean_ms(fn, args.inner))
             for k, v in times.items():
                 totals[k] = totals.get(k, 0.0) + v
             print(f"{label:28s} {'x'.join(map(str, shape[1:])):>16s} {kshape[0]:>3d} {stride:>2d} "
