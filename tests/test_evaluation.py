@@ -292,6 +292,41 @@ def test_autoattack_lite_equals_apgd_ce_and_apgd_t(model, mnist):
     assert lite["robust_accuracy"] <= lite["attacks"][str(EPS)]["apgd_ce"]
 
 
+def test_graph_mode_reuses_a_batch_shape_up_to_ten_percent_larger(model, mnist, monkeypatch):
+    """Each new batch shape costs a compilation of the fused XLA clusters, so
+    a batch of 37 or 38 runs padded to the 40 already run (37 * 1.1 >= 40), 35
+    gets its own shape (35 * 1.1 < 40), 40 reuses 40; a padded batch's
+    verdicts are those of the same examples unpadded, and the padding rows
+    are dropped (one verdict per example)."""
+    _, _, _, xt, yt = mnist
+    x, y = xt[:40], yt[:40]
+    seen = []
+    batch_fn = ev._batch_fn
+
+    def spy(*args, **kwargs):
+        fn = batch_fn(*args, **kwargs)
+
+        def counted(xb, *rest):
+            seen.append(int(xb.shape[0]))
+            return fn(xb, *rest)
+        return counted
+
+    monkeypatch.setattr(ev, "_batch_fn", spy)
+    runner = ev._Runner(model, x, y, batch_size=64, seed=3, jit=False, progress=False)
+    twin = keras.models.clone_model(model)
+    twin.set_weights(model.get_weights())
+    fresh = ev._Runner(twin, x, y, batch_size=64, seed=3, jit=False, progress=False)
+    sizes = (40, 37, 38, 35, 40)
+    verdicts = [runner.run("pgd", np.arange(n), EPS, 5) for n in sizes]
+    assert seen == [40, 40, 40, 35, 40]
+    assert [len(v) for v in verdicts] == list(sizes)
+    seen.clear()
+    unpadded = fresh.run("pgd", np.arange(37), EPS, 5)  # a new model: its own cache
+    assert seen == [37]
+    np.testing.assert_array_equal(verdicts[1], unpadded)
+    np.testing.assert_array_equal(verdicts[1], verdicts[0][:37])
+
+
 def test_restarts_never_weaker_and_robust_accuracy_helper(model, mnist):
     _, _, _, xt, yt = mnist
     x, y = xt[:200], yt[:200]

@@ -71,6 +71,12 @@ def test_defaults_parse_to_a_valid_config():
     (["--failure_rollback"], "failure_rollback"),
     (["--failure_warmup_gap=2", "--failure_restarts=1", "--epsilon_warmup_epochs=1"],
      "failure_warmup_gap"),
+    # No validation split: the check needs --failure_data=train, and says so.
+    (["--failure_restarts=1", "--validation_size=0"], "failure_data=train"),
+    (["--failure_examples=0"], "failure_examples"),
+    (["--failure_from_epoch=-1"], "failure_from_epoch"),
+    (["--failure_from_epoch=11", "--epochs=10"], "failure_from_epoch"),
+    (["--failure_restarts=1", "--failure_data=train", "--method=natural"], "natural"),
 ])
 def test_rejected_value_names_the_flag(argv, flag):
     with pytest.raises(config_lib.ConfigError, match=flag):
@@ -86,6 +92,7 @@ def test_rejected_value_names_the_flag(argv, flag):
     (["--co_guard_policy=panic"], "co_guard_policy"), (["--co_guard_rule=x"], "co_guard_rule"),
     (["--co_guard_fallback=bogus"], "co_guard_fallback"), (["--init=he"], "init"),
     (["--normalize=maybe"], "normalize"), (["--clip_start=maybe"], "clip_start"),
+    (["--failure_data=test"], "failure_data"),
 ])
 def test_absl_rejects_bad_types_and_choices(argv, flag):
     with pytest.raises(flags.IllegalFlagValueError, match=flag):
@@ -444,6 +451,11 @@ def test_wong_flagfile_is_their_recipe_flag_for_flag():
     assert (c.normalize, c.init) == (False, "torch")
     assert (c.epochs, c.batch_size, c.optimizer, c.lr, c.lr_schedule) == (10, 100, "adam", 0.005, "cyclic")
     assert (c.validation_size, c.eval_every, c.epsilon_warmup_epochs) == (0, 0, 0.0)
+    # Not part of their recipe: a finished run that beats its FGSM training attack by more
+    # than 20 points over PGD-10 on 1000 training images is trained again with a new seed.
+    assert (c.failure_restarts, c.failure_data, c.failure_from_epoch, c.failure_gap) == (
+        2, "train", 10, 0.2)
+    assert (c.failure_examples, c.eval_pgd_steps) == (1000, 10)
 
 
 def test_bs_flagfile_schedule_is_the_recipe_its_header_states():
@@ -537,6 +549,61 @@ def test_failure_detector_stops_only_at_full_epsilon_with_a_large_gap():
     assert failed is not None and not stop
 
 
+def test_failure_data_train_needs_no_validation_split():
+    c = _parse("--failure_restarts=2", "--failure_data=train", "--validation_size=0",
+               "--eval_every=0", "--failure_from_epoch=10", "--epochs=10")
+    assert (c.failure_data, c.failure_examples, c.failure_from_epoch) == ("train", 1000, 10)
+    assert _parse().failure_data == "validation"
+
+
+def _linear_detector_model(eps=0.3):
+    """logits = 10 x on 2 inputs in [0, 1]: class 0 iff x0 > x1, so a point
+    is robust at eps 0.3 (L-inf) iff |x0 - x1| > 0.6."""
+    import keras
+
+    from tf_backsmooth.robust_model import RobustModel
+
+    dense = keras.layers.Dense(2)
+    model = RobustModel(keras.Sequential([keras.Input((2,)), dense]), epsilon=eps)
+    model.compile(optimizer="sgd")
+    model.optimizer.build(model.trainable_variables)
+    dense.set_weights([10 * np.eye(2, dtype=np.float32), np.zeros(2, np.float32)])
+    return model
+
+
+def test_failure_detector_on_training_images_measures_pgd_itself():
+    """--failure_data=train: the detector attacks its own images. Of the four
+    below, two have a margin of 1 (robust at eps 0.3) and two of 0.1 (PGD
+    flips them), so the PGD accuracy is 0.5 exactly; with a training-attack
+    accuracy of 0.75 the gap is 0.25 > 0.2 (failed), with 0.65 it is 0.15.
+    --failure_from_epoch=10 judges (and measures) epoch 10 only."""
+    from tf_backsmooth import callbacks as cb
+
+    x = np.array([[1, 0], [0.55, 0.45], [0, 1], [0.45, 0.55]], np.float32)
+    y = np.array([0, 0, 1, 1])
+
+    def run(adv, epoch=9, from_epoch=10):
+        detector = cb.FailureDetector(0.3, 0.2, from_epoch=from_epoch, x=x, y=y,
+                                      pgd_steps=10, seed=0)
+        model = _linear_detector_model()
+        detector.set_model(model)
+        model.stop_training = False
+        logs = {"adv_accuracy": adv}
+        detector.on_epoch_begin(epoch)
+        detector.on_epoch_end(epoch, logs)
+        return detector.failed, model.stop_training, logs
+
+    failed, stop, logs = run(0.75)
+    assert stop and failed == {"epoch": 10, "adv_accuracy": 0.75,
+                               "train_robust_accuracy": 0.5, "end_of_warmup": False}
+    assert logs["failure_robust_accuracy"] == 0.5
+    failed, stop, logs = run(0.65)
+    assert failed is None and not stop and logs["failure_robust_accuracy"] == 0.5
+    failed, stop, logs = run(0.75, epoch=8)  # epoch 9 < 10: not judged, not measured
+    assert failed is None and not stop and "failure_robust_accuracy" not in logs
+    assert run(0.75, epoch=8, from_epoch=0)[1]  # from the first full-eps epoch
+
+
 def test_lr_boundaries_flag_parses_epochs():
     assert _parse().lr_boundaries == () == _parse("--lr_boundaries=").lr_boundaries
     assert _parse("--lr_boundaries=2.5,3").lr_boundaries == (2.5, 3.0)
@@ -623,6 +690,37 @@ def test_failed_run_restarts_with_a_new_seed_and_keeps_the_failed_attempt(tmp_pa
     assert results["train_seconds"] == pytest.approx(
         sum(r["epoch_seconds"] for r in old + new), rel=1e-6)
     assert json.loads((run_dir / "attempts.json").read_text()) == results["failed_attempts"]
+
+
+@pytest.mark.slow
+def test_failed_run_without_validation_split_restarts_judged_on_training_images(tmp_path, mnist_dir):
+    """--failure_data=train with no validation split (--validation_size=0
+    --eval_every=0, Wong et al.'s setting): --failure_from_epoch=2 judges only
+    the finished 2-epoch run, on PGD against 200 training images; with
+    --failure_gap=0 the first attempt fails there, the second (the last one
+    allowed) trains both epochs with seed + 1000003 and is kept."""
+    from tf_backsmooth import train_lib
+
+    run_dir = tmp_path / "train_check"
+    proc = _run(_tiny(run_dir, mnist_dir, "--model=mlp", "--epochs=2", "--epsilon_warmup_epochs=0",
+                      "--validation_size=0", "--eval_every=0", "--failure_data=train",
+                      "--failure_examples=200", "--failure_from_epoch=2", "--failure_gap=0",
+                      "--failure_restarts=1", "--seed=5"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert ("FAILED attempt 1 (seed 5) at epoch 2" in proc.stderr
+            and "under training-image PGD" in proc.stderr), proc.stderr[-4000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    (attempt,) = results["failed_attempts"]
+    assert attempt["epoch"] == 2 and attempt["seed"] == 5
+    assert attempt["adv_accuracy"] > attempt["train_robust_accuracy"]
+    assert results["seed"] == train_lib.attempt_seed(5, 1)
+    old = [json.loads(ln) for ln in (run_dir / "attempt_1" / "metrics.jsonl").read_text().splitlines()]
+    new = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in old] == [1, 2] and [r["epoch"] for r in new] == [1, 2]
+    assert "failure_robust_accuracy" not in old[0]  # epoch 1 is not judged
+    assert old[1]["failure_robust_accuracy"] == attempt["train_robust_accuracy"]
+    assert "val_robust_accuracy" not in old[1]  # no validation split
+    assert results["grad_evals"] == 4 * 128 * 8 * 3  # 2 failed + 2 kept epochs of 8 steps
 
 
 @pytest.mark.slow

@@ -144,13 +144,28 @@ class FailureDetector(keras.callbacks.Callback):
     own, looser threshold: a healthy model still lags behind there, but a
     failing one is already further behind (docs/MNIST_STUDY.md section 12),
     and judging it saves an epoch per failed attempt.
+
+    ``x``, ``y`` (``--failure_data=train``): the PGD accuracy is measured by
+    the detector itself, with PGD-``pgd_steps`` on these (training) images,
+    at each epoch it judges, and logged as ``failure_robust_accuracy``; a
+    recipe without a validation split can then restart too. Measuring does
+    not touch the model's weights or the training randomness.
+
+    ``from_epoch`` > 0 judges only epochs ``from_epoch`` (1-based) and later:
+    ``from_epoch = epochs`` judges the finished run only, for a recipe whose
+    healthy runs can dip below PGD and recover mid-training (docs/MNIST_STUDY.md
+    section 13: Wong et al.'s FGSM-RS).
     """
 
-    def __init__(self, epsilon, gap, warmup_gap=None):
+    def __init__(self, epsilon, gap, warmup_gap=None, from_epoch=0, x=None,
+                 y=None, pgd_steps=10, seed=0, batch_size=500):
         super().__init__()
         self.epsilon, self.gap = float(epsilon), float(gap)
         self.warmup_gap = (None if warmup_gap is None or warmup_gap >= 1
                            else float(warmup_gap))
+        self.from_epoch = int(from_epoch)
+        self.x, self.y = x, y
+        self.pgd_steps, self.seed, self.batch_size = pgd_steps, seed, batch_size
         self.failed = None
         # False on the last attempt allowed: record the failure, keep training.
         self.stop_on_failure = True
@@ -167,10 +182,20 @@ class FailureDetector(keras.callbacks.Callback):
         # ends the warm-up only with ``warmup_gap``.
         self._full_epsilon = not self._warming_up()
 
+    def _train_robust_accuracy(self):
+        from tf_backsmooth import evaluation
+        report = evaluation.evaluate(
+            self.model.base_model, self.x, self.y, [self.epsilon],
+            attacks=("pgd",), batch_size=self.batch_size,
+            pgd_steps=self.pgd_steps, seed=self.seed)
+        return float(report["robust_accuracy"])
+
     def on_epoch_end(self, epoch, logs=None):
-        logs = logs or {}
-        val, adv = logs.get("val_robust_accuracy"), logs.get("adv_accuracy")
-        if val is None or adv is None or self.failed is not None:
+        if logs is None:
+            logs = {}
+        adv = logs.get("adv_accuracy")
+        if (adv is None or self.failed is not None or not _finite_loss(logs)
+                or epoch + 1 < self.from_epoch):
             return
         if self._full_epsilon:
             gap, end_of_warmup = self.gap, False
@@ -178,10 +203,16 @@ class FailureDetector(keras.callbacks.Callback):
             gap, end_of_warmup = self.warmup_gap, True
         else:
             return
-        if float(adv) - float(val) > gap:
+        if self.x is None:
+            key, robust = "val_robust_accuracy", logs.get("val_robust_accuracy")
+            if robust is None:  # no validation this epoch
+                return
+        else:
+            key, robust = "train_robust_accuracy", self._train_robust_accuracy()
+            logs["failure_robust_accuracy"] = robust
+        if float(adv) - float(robust) > gap:
             self.failed = {"epoch": epoch + 1, "adv_accuracy": float(adv),
-                           "val_robust_accuracy": float(val),
-                           "end_of_warmup": end_of_warmup}
+                           key: float(robust), "end_of_warmup": end_of_warmup}
             self.model.stop_training = self.stop_on_failure
 
 

@@ -181,6 +181,9 @@ DTYPE_POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
 INITS = ("keras", "torch")
 CO_RULES = ("drop_and_gap", "drop", "gap", "floor_and_gap")
 CO_POLICIES = ("shrink_step", "switch_method")
+# What --failure_restarts measures PGD accuracy on: the validation split, or a
+# fixed, seeded subset of the training images (no split needed).
+FAILURE_DATA = ("validation", "train")
 METHODS = ("natural", "pgd_at", "trades", "fgsm_rs", "fast_trades", "gradalign",
            "n_fgsm", "backward_smoothing")
 
@@ -288,6 +291,13 @@ class TrainConfig:
     # A failed attempt's successor starts from the checkpoint at the start of
     # the failed epoch instead of from scratch.
     failure_rollback: bool = False
+    # Where the failure check's PGD accuracy comes from ("train": a fixed
+    # subset of failure_examples training images, so a recipe without a
+    # validation split can restart too), and the first epoch it judges
+    # (0: the first epoch at full epsilon; K: epochs K and later only).
+    failure_data: str = "validation"
+    failure_examples: int = 1000
+    failure_from_epoch: int = 0
 
     def __post_init__(self):
         check_choice("dataset", self.dataset, DATASETS)
@@ -362,9 +372,19 @@ class TrainConfig:
                               f"{self.failure_rollback!r}")
         if self.failure_rollback and not self.failure_restarts:
             raise ConfigError("failure_rollback needs failure_restarts > 0")
-        if self.failure_restarts and (not self.eval_every or self.method == "natural"):
-            raise ConfigError("failure_restarts needs robust validation (eval_every > 0) "
-                              "and an adversarial method")
+        check_choice("failure_data", self.failure_data, FAILURE_DATA)
+        check_int("failure_examples", self.failure_examples, low=1)
+        check_int("failure_from_epoch", self.failure_from_epoch, low=0)
+        if self.failure_from_epoch > self.epochs:
+            raise ConfigError(f"failure_from_epoch={self.failure_from_epoch} is after the "
+                              f"last epoch (epochs={self.epochs}): no epoch would be judged")
+        if self.failure_restarts and self.method == "natural":
+            raise ConfigError("failure_restarts needs an adversarial method, not 'natural'")
+        if (self.failure_restarts and self.failure_data == "validation"
+                and not (self.eval_every and self.validation_size != 0)):
+            raise ConfigError("failure_restarts with failure_data=validation needs robust "
+                              "validation (eval_every > 0 and a validation split); "
+                              "without a validation split use --failure_data=train")
         if self.co_guard and self.method == "natural":
             raise ConfigError("co_guard needs an adversarial method, not "
                               "'natural'")

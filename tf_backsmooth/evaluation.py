@@ -48,7 +48,9 @@ Every per-batch attack is one ``tf.function`` with a dynamic batch dimension,
 traced once per model and attack configuration (cached while the Keras model
 lives) and reused for all epsilons and batches. With ``jit_compile=True``
 batches are padded to power-of-two sizes (at most ``batch_size``), so XLA
-compiles a handful of shapes instead of one per batch size.
+compiles a handful of shapes instead of one per batch size; in graph mode a
+batch is padded by up to ``REUSE_PAD`` (10 %) to a size its function already
+ran, since its fused element-wise parts are XLA clusters compiled per shape.
 
 APGD follows the paper where it and the authors' code differ (documented in
 :func:`apgd`); ``pgd``/``pgd_margin`` judge the final iterate (as Foolbox and
@@ -326,6 +328,11 @@ def _check_data(x, y):
 # ----------------------------------------------------------------------------
 # The host loop
 # ----------------------------------------------------------------------------
+# Graph mode pads a batch by up to this fraction to reuse a batch shape that
+# its compiled function already ran (see _Runner._reused_size).
+REUSE_PAD = 0.1
+
+
 class _Runner:
     """Runs compiled per-batch attacks over index subsets of ``x``."""
 
@@ -358,6 +365,9 @@ class _Runner:
             count = len(part)
             if self.jit:  # pad to a few bucket sizes: XLA compiles per shape
                 bucket = min(self.batch_size, 1 << (count - 1).bit_length())
+            else:
+                bucket = self._reused_size((name, steps, step_size), count)
+            if bucket > count:  # padded rows repeat the last example; dropped below
                 part = np.concatenate([part, np.repeat(part[-1:], bucket - count)])
             out, ok = fn(tf.constant(self.x[part]), tf.constant(self.y[part]),
                          tf.constant(part, tf.int64),
@@ -373,6 +383,23 @@ class _Runner:
                       f", {int(robust[:done].sum())}/{done} robust, "
                       f"{rate:.0f} img/s", file=sys.stderr, flush=True)
         return (robust, adv) if keep_adv else robust
+
+    def _reused_size(self, key, count):
+        """Graph mode: a batch size this function already ran, if one is at
+        most ``REUSE_PAD`` larger than ``count``, else ``count``.
+
+        The fused element-wise parts of the attacks (``attacks.fused``) are
+        XLA clusters, compiled once per batch shape (about 0.5 s each here),
+        and each APGD-T / FAB-T target and restart sees a few examples fewer
+        than the one before: reusing the last shape, padded, costs a few
+        rows of compute instead of a compilation (BUILD_NOTES.md, session 13).
+        """
+        sizes = self.cache.setdefault(("batch sizes",) + key, set())
+        fits = [s for s in sizes if count <= s <= count * (1 + REUSE_PAD)]
+        if fits:
+            return min(fits)
+        sizes.add(count)
+        return count
 
     def clean(self):
         return self.run("clean", np.arange(len(self.x)), label="clean")

@@ -187,6 +187,18 @@ def define_flags(flag_values=flags.FLAGS):
             "start of the failed epoch (with the new seed: new data order and "
             "attack draws) instead of from scratch; only the discarded epochs "
             "are counted as the failed attempt's cost.")
+    _define(fv, flags.DEFINE_enum, "failure_data", d.failure_data,
+            config_lib.FAILURE_DATA,
+            "What the failure check measures PGD accuracy on: 'validation' (the "
+            "validation split, at each robust validation) or 'train' (a fixed, "
+            "seeded subset of --failure_examples training images, measured with "
+            "PGD-<eval_pgd_steps> at each judged epoch: no validation split needed).")
+    _define(fv, flags.DEFINE_integer, "failure_examples", d.failure_examples,
+            "--failure_data=train: how many training images the check attacks.")
+    _define(fv, flags.DEFINE_integer, "failure_from_epoch", d.failure_from_epoch,
+            "Judge only epochs from this one on (1-based; 0: from the first epoch "
+            "trained at full epsilon). --failure_from_epoch=<epochs> judges the "
+            "finished run only, for recipes whose healthy runs dip mid-training.")
     _define(fv, flags.DEFINE_integer, "verbose", None, "Keras verbosity: 0 silent, 1 "
                          "progress bar, 2 one line per epoch (default: 1 on a "
                          "terminal, else 2).")

@@ -57,6 +57,11 @@ def _config_payload(config):
         payload.pop("failure_warmup_gap", None)
     if not payload.get("failure_rollback"):
         payload.pop("failure_rollback", None)
+    # Added in session 13: absent at their defaults, so earlier runs resume.
+    for key, default in (("failure_data", "validation"), ("failure_examples", 1000),
+                         ("failure_from_epoch", 0)):
+        if payload.get(key) == default:
+            payload.pop(key, None)
     return payload
 
 
@@ -357,9 +362,8 @@ def make_callbacks(config, model, val, global_batch, is_chief=True,
             every=config.eval_every, seed=config.seed,
             total_epochs=config.epochs))
         out.append(cb.BestCheckpoint(config.model_dir, is_chief=is_chief))
-        if config.failure_restarts:
-            out.append(cb.FailureDetector(config.epsilon, config.failure_gap,
-                                          config.failure_warmup_gap))
+    if config.failure_restarts:
+        out.append(make_failure_detector(config, train))
     out.append(cb.RunLog(config.model_dir, global_batch, is_chief=is_chief))
     if config.tensorboard and is_chief:
         log_dir = os.path.join(config.model_dir, "tensorboard")
@@ -373,6 +377,24 @@ def make_callbacks(config, model, val, global_batch, is_chief=True,
     out.append(cb.Backup(os.path.join(config.model_dir, BACKUP), nan_guard,
                          is_chief=is_chief))
     return out, nan_guard
+
+
+def make_failure_detector(config, train):
+    """The ``--failure_restarts`` check; with ``--failure_data=train`` it
+    attacks a fixed subset of the training images chosen by the run's
+    seed (each attempt its own subset)."""
+    from tf_backsmooth import callbacks as cb
+
+    subset = {}
+    if config.failure_data == "train":
+        n = min(config.failure_examples, len(train[1]))
+        pick = np.sort(np.random.default_rng([config.seed, 7]).choice(
+            len(train[1]), n, replace=False))
+        subset = dict(x=_to_float(train[0][pick]), y=train[1][pick],
+                      pgd_steps=config.eval_pgd_steps, seed=config.seed)
+    return cb.FailureDetector(config.epsilon, config.failure_gap,
+                              config.failure_warmup_gap,
+                              from_epoch=config.failure_from_epoch, **subset)
 
 
 def make_co_guard(config, train, is_chief=True):
@@ -655,12 +677,15 @@ def _run(config, strategy, is_chief, flags_text):
         attempts.append(dict(detector.failed, seed=config.seed,
                              train_seconds=wasted_seconds,
                              grad_evals=wasted_evals, rollback_epoch=rollback))
+        judged_on = ("training-image" if "train_robust_accuracy" in detector.failed
+                     else "validation")
         log.warning("FAILED attempt %d (seed %d) at epoch %d: %.1f %% accurate on "
-                    "its own training attack, %.1f %% under validation PGD; "
+                    "its own training attack, %.1f %% under " + judged_on + " PGD; "
                     "restarting with seed %d from %s (%d restart(s) left)",
                     len(attempts), config.seed, detector.failed["epoch"],
                     100 * detector.failed["adv_accuracy"],
-                    100 * detector.failed["val_robust_accuracy"],
+                    100 * detector.failed.get("val_robust_accuracy",
+                                              detector.failed.get("train_robust_accuracy")),
                     attempt_seed(base_config.seed, len(attempts)),
                     f"the checkpoint of epoch {rollback}" if rollback else "scratch",
                     base_config.failure_restarts - len(attempts))
