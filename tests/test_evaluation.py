@@ -325,6 +325,12 @@ def test_graph_mode_reuses_a_batch_shape_up_to_ten_percent_larger(model, mnist, 
     assert seen == [37]
     np.testing.assert_array_equal(verdicts[1], unpadded)
     np.testing.assert_array_equal(verdicts[1], verdicts[0][:37])
+    # Batches are balanced: 100 examples at batch_size 64 run as 50 + 50, not 64 + 36.
+    seen.clear()
+    x, y = xt[:100], yt[:100]
+    runner = ev._Runner(model, x, y, batch_size=64, seed=3, jit=False, progress=False)
+    assert len(runner.run("pgd", np.arange(100), EPS, 5)) == 100
+    assert seen == [50, 50]
 
 
 def test_restarts_never_weaker_and_robust_accuracy_helper(model, mnist):
