@@ -33,6 +33,9 @@ CONVS = {
     "ResNet-18 stem": (32, 32, 32, 3, 64, 3, 1, "SAME"),
     "SmallCNN conv2": (128, 26, 26, 32, 32, 3, 1, "VALID"),
     "ResNet-18 layer1": (32, 32, 32, 64, 64, 3, 1, "SAME"),
+    "ResNet-18 layer3": (32, 8, 8, 256, 256, 3, 1, "SAME"),
+    "ResNet-18 layer4 s2 (pad)": (32, 10, 10, 256, 512, 3, 2, "VALID"),
+    "ResNet-18 layer4": (32, 4, 4, 512, 512, 3, 1, "SAME"),
 }
 
 
@@ -61,12 +64,17 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--convs", default="",
+                   help="comma-separated substrings of the table's names (default: all)")
     args = p.parse_args()
+    wanted = [c for c in args.convs.split(",") if c]
     print("load average before: %.2f %.2f %.2f" % os.getloadavg())
     cols = ["tf input grad", "fastgrad, graph", "fastgrad, XLA", "forward conv"]
     print(f"{'convolution':<26}{'batch':>6}" + "".join(f"{c:>17}" for c in cols)
           + f"{'max rel diff':>14}")
     for name, spec in CONVS.items():
+        if wanted and not any(w in name for w in wanted):
+            continue
         fns, ref = variants(*spec)
         ms = {}
         for _ in range(args.rounds):

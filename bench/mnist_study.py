@@ -100,10 +100,15 @@ VARIANTS = {
                       "on 128 training images every 200 steps; on a collapse, roll back and halve "
                       "the FGSM step: still FGSM-RS, docs/CO_GUARD.md)"),
     "wong_restart": ("wong", WONG, [], SIX,
-                     "the flagfile since session 13: their recipe with an automatic restart (new seed, from scratch, up to 2 times) when "
+                     "the flagfile since session 14: their recipe with an automatic restart (new seed, from scratch, up to 2 times) when "
                      "the finished run is more than 20 points more accurate on its own FGSM "
-                     "training attack than under PGD-10 on 1000 training images (no validation "
+                     "training attack than under PGD-20 on 1000 training images (no validation "
                      "split, so the data order is the recipe's)"),
+    "wong_restart_pgd10": ("wong", WONG, ["--failure_pgd_steps=0"], SIX,
+                           "the flagfile of session 13: the same restart, but the check "
+                           "measured PGD-10 (--eval_pgd_steps) on the training images; "
+                           "session 14's seed 11 showed it misses a partial collapse that "
+                           "PGD-20 sees"),
     "wong_s4code": ("wong", WONG, NO_RESTART, THREE,
                     "the same flagfile and seeds, trained in session 4 on another VM with that "
                     "session's code (before session 9's fastgrad: the attack's input gradient "

@@ -13,7 +13,14 @@ PyTorch, then ports the trained ``mnist_net`` weights into our ``mnist_cnn``
 so that ``bin/evaluate`` scores their models and ours with the same attack.
 Their released ``MNIST/models/fgsm.pth`` is ported too (``released``). With
 ``--evaluate`` every ported model gets their attack (PGD-50, step 0.01, 10
-restarts, first 1000 test images) through ``bin/evaluate``.
+restarts, first 1000 test images) through ``bin/evaluate``. With
+``--failure_check`` each of their trained models also gets the measurement of
+our ``--failure_restarts --failure_data=train`` check (PGD-``--failure_pgd_steps`` on
+the 1000 training images ``train_lib.make_failure_detector`` picks for that
+seed, as ``callbacks.FailureDetector`` runs it) next to the FGSM training
+accuracy of their last epoch (read from their log, ``fgsm_s<seed>.log``; runs
+trained before session 14 have no log and get the PGD accuracy only): would
+our check have restarted their run?
 
 Only the environment is adapted, not their code: ``.cuda()`` becomes a no-op
 and ``torchvision.datasets.MNIST`` is replaced by a reader of the canonical IDX
@@ -70,11 +77,18 @@ def _fake_torchvision(mnist_dir):
 
 def train_reference(snapshot, seed, out, mnist_dir):
     """Runs their train_mnist.py for ``seed``; returns the .pth path."""
+    import logging
+
     import torch
 
     target = out / f"fgsm_s{seed}.pth"
     if target.exists():
         return target
+    # Their script logs its epoch table through its module's logger; keep a
+    # copy (on that logger, so their own basicConfig still prints it).
+    handler = logging.FileHandler(out / f"fgsm_s{seed}.log", mode="w")
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logging.getLogger("train_mnist").addHandler(handler)
     with tempfile.TemporaryDirectory() as tmp:
         src = pathlib.Path(tmp) / "MNIST"
         src.mkdir()
@@ -93,7 +107,11 @@ def train_reference(snapshot, seed, out, mnist_dir):
         import train_mnist  # noqa: E402  (their script, unmodified)
         sys.argv = ["train_mnist.py", "--fname", str(target), "--seed", str(seed)]
         start = time.time()
-        train_mnist.main()
+        try:
+            train_mnist.main()
+        finally:
+            logging.getLogger("train_mnist").removeHandler(handler)
+            handler.close()
         sys.path.remove(str(src))
         print(f"their script, seed {seed}: {time.time() - start:.0f} s", flush=True)
     return target
@@ -141,6 +159,34 @@ def evaluate(run_dir, mnist_dir, report):
                    cwd=REPO, check=True)
 
 
+def last_train_accuracy(log_path):
+    """Train Acc of the last epoch row of their log (``epoch time lr loss acc``)."""
+    acc = None
+    for line in log_path.read_text().splitlines():
+        fields = line.split(" - ")[-1].split()
+        if len(fields) == 5 and fields[0].isdigit():
+            acc = float(fields[4])
+    return acc  # None: no epoch rows (a run trained before the log was kept)
+
+
+def failure_check(keras_path, seed, mnist_dir, pgd_steps):
+    """Our ``--failure_data=train`` check's PGD accuracy on their model."""
+    import keras
+
+    from tf_backsmooth import callbacks, train_lib
+    from tf_backsmooth import config as config_lib
+    from tf_backsmooth import data as data_lib
+
+    config = config_lib.TrainConfig(dataset="mnist", seed=seed, epsilon=0.3,
+                                    failure_data="train", validation_size=0,
+                                    failure_pgd_steps=pgd_steps)
+    train = data_lib.load_arrays("mnist", "train", str(mnist_dir), validation_size=0)
+    detector = train_lib.make_failure_detector(config, train)
+    assert isinstance(detector, callbacks.FailureDetector)
+    detector.set_model(types.SimpleNamespace(base_model=keras.models.load_model(keras_path)))
+    return detector._train_robust_accuracy()  # pylint: disable=protected-access
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--snapshot", required=True, help="git dir of a locuslab/fast_adversarial snapshot")
@@ -148,6 +194,10 @@ def main():
     p.add_argument("--out", default="runs/wong_reference")
     p.add_argument("--mnist_dir", default=str(REPO.parent / "shared" / "data" / "mnist"))
     p.add_argument("--evaluate", action="store_true")
+    p.add_argument("--failure_check", action="store_true",
+                   help="also measure our --failure_data=train check on their models")
+    p.add_argument("--failure_pgd_steps", type=int, default=20,
+                   help="the check's PGD steps (experiments/mnist_fgsm_rs_wong.flags: 20)")
     args = p.parse_args()
     out = REPO / args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -172,6 +222,15 @@ def main():
         if report.exists():
             r = json.loads(report.read_text())
             entry.update(clean=r["clean_accuracy"], pgd50x10=r["robust_accuracy"])
+        log = out / f"fgsm_s{name[len('script_s'):]}.log"
+        if args.failure_check and name.startswith("script_s") and log.exists():
+            seed = int(name[len("script_s"):])
+            train_acc = last_train_accuracy(log)
+            robust = failure_check(run / "model.keras", seed, mnist_dir, args.failure_pgd_steps)
+            entry.update(last_epoch_train_acc=train_acc, failure_check_pgd=robust,
+                         failure_check_pgd_steps=args.failure_pgd_steps)
+            if train_acc is not None:
+                entry["failure_check_gap"] = round(train_acc - robust, 4)
         summary[name] = entry
         print(name, json.dumps(entry), flush=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

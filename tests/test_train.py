@@ -452,10 +452,11 @@ def test_wong_flagfile_is_their_recipe_flag_for_flag():
     assert (c.epochs, c.batch_size, c.optimizer, c.lr, c.lr_schedule) == (10, 100, "adam", 0.005, "cyclic")
     assert (c.validation_size, c.eval_every, c.epsilon_warmup_epochs) == (0, 0, 0.0)
     # Not part of their recipe: a finished run that beats its FGSM training attack by more
-    # than 20 points over PGD-10 on 1000 training images is trained again with a new seed.
+    # than 20 points over PGD-20 on 1000 training images (the final check's attack) is
+    # trained again with a new seed.
     assert (c.failure_restarts, c.failure_data, c.failure_from_epoch, c.failure_gap) == (
         2, "train", 10, 0.2)
-    assert (c.failure_examples, c.eval_pgd_steps) == (1000, 10)
+    assert (c.failure_examples, c.failure_pgd_steps, c.test_pgd_steps) == (1000, 20, 20)
 
 
 def test_bs_flagfile_schedule_is_the_recipe_its_header_states():
@@ -554,6 +555,26 @@ def test_failure_data_train_needs_no_validation_split():
                "--eval_every=0", "--failure_from_epoch=10", "--epochs=10")
     assert (c.failure_data, c.failure_examples, c.failure_from_epoch) == ("train", 1000, 10)
     assert _parse().failure_data == "validation"
+
+
+def test_failure_pgd_steps_sets_the_training_image_check_attack():
+    """--failure_pgd_steps is the PGD-k of the --failure_data=train check (0: the
+    eval_pgd_steps default); with a validation split it is rejected by name."""
+    from tf_backsmooth import train_lib
+
+    train = (np.zeros((50, 4, 4, 1), np.uint8), np.arange(50) % 10)
+    base = ("--failure_restarts=2", "--failure_data=train", "--validation_size=0",
+            "--eval_every=0")
+    c = _parse(*base, "--eval_pgd_steps=7")
+    assert c.failure_pgd_steps == 0
+    assert train_lib.make_failure_detector(c, train).pgd_steps == 7
+    c = _parse(*base, "--eval_pgd_steps=7", "--failure_pgd_steps=20")
+    detector = train_lib.make_failure_detector(c, train)
+    assert detector.pgd_steps == 20 and len(detector.y) == 50
+    with pytest.raises(config_lib.ConfigError, match="failure_pgd_steps"):
+        _parse("--failure_restarts=2", "--failure_pgd_steps=20")
+    with pytest.raises(config_lib.ConfigError, match="failure_pgd_steps"):
+        _parse(*base, "--failure_pgd_steps=-1")
 
 
 def _linear_detector_model(eps=0.3):

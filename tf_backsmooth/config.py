@@ -298,6 +298,10 @@ class TrainConfig:
     failure_data: str = "validation"
     failure_examples: int = 1000
     failure_from_epoch: int = 0
+    # failure_data="train": the PGD steps of the check's own attack (0: as
+    # many as eval_pgd_steps). Session 14: PGD-10 (step 2.5 eps / 10) missed
+    # a partial collapse that PGD-20 and the final NOT ROBUST check saw.
+    failure_pgd_steps: int = 0
 
     def __post_init__(self):
         check_choice("dataset", self.dataset, DATASETS)
@@ -375,6 +379,11 @@ class TrainConfig:
         check_choice("failure_data", self.failure_data, FAILURE_DATA)
         check_int("failure_examples", self.failure_examples, low=1)
         check_int("failure_from_epoch", self.failure_from_epoch, low=0)
+        check_int("failure_pgd_steps", self.failure_pgd_steps, low=0)
+        if self.failure_pgd_steps and self.failure_data != "train":
+            raise ConfigError("failure_pgd_steps sets the attack of --failure_data=train; with "
+                              "failure_data=validation the check reads the robust validation "
+                              "accuracy, whose attack is set by --eval_pgd_steps")
         if self.failure_from_epoch > self.epochs:
             raise ConfigError(f"failure_from_epoch={self.failure_from_epoch} is after the "
                               f"last epoch (epochs={self.epochs}): no epoch would be judged")

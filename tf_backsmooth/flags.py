@@ -192,9 +192,13 @@ def define_flags(flag_values=flags.FLAGS):
             "What the failure check measures PGD accuracy on: 'validation' (the "
             "validation split, at each robust validation) or 'train' (a fixed, "
             "seeded subset of --failure_examples training images, measured with "
-            "PGD-<eval_pgd_steps> at each judged epoch: no validation split needed).")
+            "PGD-<failure_pgd_steps> at each judged epoch: no validation split needed).")
     _define(fv, flags.DEFINE_integer, "failure_examples", d.failure_examples,
             "--failure_data=train: how many training images the check attacks.")
+    _define(fv, flags.DEFINE_integer, "failure_pgd_steps", d.failure_pgd_steps,
+            "--failure_data=train: the PGD steps of the check's attack (step size "
+            "2.5*eps/steps, one random start); 0: --eval_pgd_steps. The final NOT ROBUST "
+            "check uses --test_pgd_steps (20).")
     _define(fv, flags.DEFINE_integer, "failure_from_epoch", d.failure_from_epoch,
             "Judge only epochs from this one on (1-based; 0: from the first epoch "
             "trained at full epsilon). --failure_from_epoch=<epochs> judges the "

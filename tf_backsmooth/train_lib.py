@@ -58,8 +58,9 @@ def _config_payload(config):
     if not payload.get("failure_rollback"):
         payload.pop("failure_rollback", None)
     # Added in session 13: absent at their defaults, so earlier runs resume.
+    # Added in session 14: failure_pgd_steps.
     for key, default in (("failure_data", "validation"), ("failure_examples", 1000),
-                         ("failure_from_epoch", 0)):
+                         ("failure_from_epoch", 0), ("failure_pgd_steps", 0)):
         if payload.get(key) == default:
             payload.pop(key, None)
     return payload
@@ -391,7 +392,8 @@ def make_failure_detector(config, train):
         pick = np.sort(np.random.default_rng([config.seed, 7]).choice(
             len(train[1]), n, replace=False))
         subset = dict(x=_to_float(train[0][pick]), y=train[1][pick],
-                      pgd_steps=config.eval_pgd_steps, seed=config.seed)
+                      pgd_steps=config.failure_pgd_steps or config.eval_pgd_steps,
+                      seed=config.seed)
     return cb.FailureDetector(config.epsilon, config.failure_gap,
                               config.failure_warmup_gap,
                               from_epoch=config.failure_from_epoch, **subset)
