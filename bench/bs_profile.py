@@ -2,7 +2,7 @@
 """Where a Backward Smoothing step's time goes: each piece timed on its own.
 
     python bench/bs_profile.py [--model=small_cnn] [--batch_size=128] [--modes=graph,xla]
-                               [--repeats=5] [--trace=DIR]
+                               [--repeats=5] [--trace=DIR] [--dtype_policy=float32]
 
 Every piece is one ``tf.function`` (``jit_compile`` per mode) over the same
 network and batch, timed ``--repeats`` times after a warm-up; the minimum is
@@ -13,7 +13,9 @@ a full backward pass (training-mode forward + gradients w.r.t. the weights:
 one training pass); the BS attack; the BS objective + gradients on a given
 ``x'``; the whole per-replica step (``RobustModel._grads_and_stats``); the
 optimizer update; and the whole Keras ``fit`` step. ``--trace`` also writes a
-TensorBoard profile of 2 ``fit`` steps.
+TensorBoard profile of 2 ``fit`` steps. ``--dtype_policy`` (e.g.
+``mixed_bfloat16``) builds the network under that Keras policy, as
+``bin/train --dtype_policy`` does.
 """
 
 import argparse
@@ -113,7 +115,10 @@ def main():
     p.add_argument("--modes", default="graph,xla")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--trace", default=None)
+    p.add_argument("--dtype_policy", default="float32",
+                   choices=["float32", "mixed_bfloat16", "mixed_float16"])
     args = p.parse_args()
+    keras.config.set_dtype_policy(args.dtype_policy)
     table = {}
     for mode in args.modes.split(","):
         table[mode], model, ds = pieces(args.model, args.batch_size, mode == "xla", args.repeats)
@@ -127,7 +132,8 @@ def main():
     except OSError:
         load = ""
     modes = list(table)
-    print(f"\n{args.model} batch {args.batch_size}, min of {args.repeats}, ms; {load}")
+    print(f"\n{args.model} batch {args.batch_size}, {args.dtype_policy}, min of "
+          f"{args.repeats}, ms; {load}")
     print(f"{'piece':<40}" + "".join(f"{m:>10}" for m in modes))
     for name in table[modes[0]]:
         print(f"{name:<40}" + "".join(f"{table[m][name] * 1e3:>10.1f}" for m in modes))

@@ -4,6 +4,7 @@
     pip install torch==2.13.0        # CPU build; bench/ only, not a package dependency
     python bench/vs_pytorch.py [--nets=small_cnn,resnet18] [--tf_modes=graph,auto]
                                [--rounds=3] [--steps_small=10] [--steps_resnet=2]
+                               [--precisions=float32[,bfloat16]]
 
 Networks and budgets (issue 13):
 
@@ -35,9 +36,18 @@ convolution, the "before" of that change in the same run), ``graph_kerasbn``
 BatchNorm, the "before" of session 11). Every round times each (network, framework
 or TF mode) for its steps, alternating frameworks; the median over rounds is
 reported, with ``ours / PyTorch throughput = t_torch / t_ours``.
+
+``--precisions`` (default ``float32``): ``bfloat16`` times both sides again in
+bfloat16 mixed precision, in the same rounds: ours under the Keras dtype policy
+``mixed_bfloat16`` (``--dtype_policy`` of ``bin/train``: bfloat16 layers,
+float32 variables, the losses in float32), PyTorch under
+``torch.autocast("cpu", dtype=torch.bfloat16)``. Worth it on CPUs with
+bfloat16 matrix units (AMX, ``lscpu | grep amx``), where oneDNN runs bfloat16
+convolutions on them in both frameworks.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
@@ -159,7 +169,7 @@ def torch_bs_step(model, opt, x, y, eps, concat):
     return loss
 
 
-def torch_runner(net):
+def torch_runner(net, precision="float32"):
     shape, batch, eps = NETS[net]
     torch.manual_seed(0)
     model = SmallCNN() if net == "small_cnn" else ResNet18()
@@ -169,13 +179,20 @@ def torch_runner(net):
     batches = [(torch.rand(batch, c, h, w, generator=g),
                 torch.randint(0, 10, (batch,), generator=g)) for _ in range(4)]
     concat = net == "small_cnn"
+
+    def cast():
+        return (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bfloat16"
+                else contextlib.nullcontext())
+
     for i in range(2):  # warm up
-        torch_bs_step(model, opt, *batches[i], eps, concat)
+        with cast():
+            torch_bs_step(model, opt, *batches[i], eps, concat)
 
     def run(steps):
         start = time.perf_counter()
         for i in range(steps):
-            torch_bs_step(model, opt, *batches[i % 4], eps, concat)
+            with cast():
+                torch_bs_step(model, opt, *batches[i % 4], eps, concat)
         return (time.perf_counter() - start) / steps
     return run
 
@@ -183,11 +200,15 @@ def torch_runner(net):
 # ----------------------------------------------------------------------------
 # Our step
 # ----------------------------------------------------------------------------
-def tf_runner(net, mode):
+def tf_runner(net, mode, precision="float32"):
     shape, batch, eps = NETS[net]
     keras.utils.set_random_seed(0)
-    base = models.get(net, 10, shape)
-    model = RobustModel(base, method="backward_smoothing", epsilon=eps)
+    keras.config.set_dtype_policy("mixed_bfloat16" if precision == "bfloat16" else "float32")
+    try:
+        base = models.get(net, 10, shape)
+        model = RobustModel(base, method="backward_smoothing", epsilon=eps)
+    finally:
+        keras.config.set_dtype_policy("float32")
     model.compile(optimizer=keras.optimizers.SGD(LR, momentum=MOMENTUM),
                   jit_compile=MODES[mode])
     rs = np.random.RandomState(0)
@@ -225,29 +246,39 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps_small", type=int, default=10, help="steps per round, SmallCNN")
     p.add_argument("--steps_resnet", type=int, default=2, help="steps per round, ResNet-18")
+    p.add_argument("--precisions", default="float32",
+                   help="comma list of float32, bfloat16 (mixed precision on both sides)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     nets = args.nets.split(",")
-    modes = args.tf_modes.split(",")
-    bad = sorted(set(nets) - set(NETS)) + sorted(set(modes) - set(MODES))
+    precisions = args.precisions.split(",")
+    # A TF entry is "<mode>" in float32, "<mode>@bf16" in bfloat16; PyTorch's
+    # "torch" / "torch@bf16".
+    tags = {"float32": "", "bfloat16": "@bf16"}
+    bad = (sorted(set(nets) - set(NETS)) + sorted(set(args.tf_modes.split(",")) - set(MODES))
+           + sorted(set(precisions) - set(tags)))
     if bad:
-        raise SystemExit(f"unknown --nets/--tf_modes value(s) {bad}")
+        raise SystemExit(f"unknown --nets/--tf_modes/--precisions value(s) {bad}")
+    modes = [m + tags[pr] for pr in precisions for m in args.tf_modes.split(",")]
+    torches = ["torch" + tags[pr] for pr in precisions]
     threads = len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
     print("before the run: " + load_note(), flush=True)
 
     runners, infos = {}, {}
     for net in nets:
-        runners[net, "torch"] = torch_runner(net)
-        for mode in modes:
-            runners[net, mode], infos[net, mode] = tf_runner(net, mode)
-            print(f"built {net} tf[{mode}]: {infos[net, mode]}", file=sys.stderr, flush=True)
+        for pr in precisions:
+            runners[net, "torch" + tags[pr]] = torch_runner(net, pr)
+            for mode in args.tf_modes.split(","):
+                key = (net, mode + tags[pr])
+                runners[key], infos[key] = tf_runner(net, mode, pr)
+                print(f"built {net} tf[{key[1]}]: {infos[key]}", file=sys.stderr, flush=True)
     times = {k: [] for k in runners}
     for r in range(args.rounds):
         for net in nets:
             steps = args.steps_small if net == "small_cnn" else args.steps_resnet
             # Alternate which framework goes first from round to round.
-            order = ["torch"] + modes if r % 2 == 0 else modes + ["torch"]
+            order = torches + modes if r % 2 == 0 else modes + torches
             for fw in order:
                 times[net, fw].append(runners[net, fw](steps))
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(
@@ -262,12 +293,20 @@ def main():
     result = {}
     for net in nets:
         for mode in modes:
-            ratio = med[net, "torch"] / med[net, mode]
+            # Each side against the other in the same precision.
+            rival = "torch" + ("@bf16" if mode.endswith("@bf16") else "")
+            ratio = med[net, rival] / med[net, mode]
             label = f"{mode}: {infos[net, mode]}"
             print(f"{net:<11}{NETS[net][1]:>6}  {label[:34]:<34}{med[net, mode]:>12.3f}"
-                  f"{med[net, 'torch']:>13.3f}{ratio:>23.2f}")
-            result[f"{net}/{mode}"] = {"ours": med[net, mode], "torch": med[net, "torch"],
+                  f"{med[net, rival]:>13.3f}{ratio:>23.2f}")
+            result[f"{net}/{mode}"] = {"ours": med[net, mode], "torch": med[net, rival],
                                        "ratio": ratio, "tf": infos[net, mode]}
+        if set(precisions) == set(tags):
+            pairs = [(f"ours {m}", (net, m), (net, m + "@bf16"))
+                     for m in args.tf_modes.split(",")]
+            pairs.append(("PyTorch", (net, "torch"), (net, "torch@bf16")))
+            print(f"{net}: bfloat16 speed-up over float32 (same run): " + ", ".join(
+                f"{name} {med[a] / med[b]:.2f}" for name, a, b in pairs))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "median_s_per_step": result,

@@ -79,6 +79,39 @@ def test_fused_training_call_equals_the_hand_computation(mode, batch):
     np.testing.assert_allclose(layer.moving_variance.numpy(), want[5], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_fused_training_call_in_bfloat16_equals_keras_mixed_precision(mode):
+    """Under "mixed_bfloat16" the kernel takes the bfloat16 input with float32
+    statistics, scale and offset: the output and input gradient (bfloat16)
+    equal Keras' upcast-normalise-downcast to within one bfloat16 rounding,
+    the scale and offset gradients and the moving statistics (float32) to
+    float32 rounding."""
+    rs = np.random.RandomState(0)
+    x = tf.cast((rs.randn(2, 5, 4, 3) * 2 + 1).astype(np.float32), tf.bfloat16)
+    dy = tf.constant(rs.randn(2, 5, 4, 3).astype(np.float32))
+    out = {}
+    for fused in (True, False):
+        layer = _layer(dtype="mixed_bfloat16")
+
+        def step(layer=layer, fused=fused):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = (fused_bn.fused_training_call(layer, x) if fused
+                     else fused_bn._KERAS_CALL(layer, x, training=True))
+                loss = tf.reduce_sum(tf.cast(y, tf.float32) * dy)
+            return (y,) + tuple(tape.gradient(loss, [x, layer.gamma, layer.beta]))
+
+        got = run_in_mode(step, mode)
+        assert [t.dtype for t in got] == [tf.bfloat16, tf.bfloat16, tf.float32, tf.float32]
+        out[fused] = [tf.cast(t, tf.float32).numpy() for t in got] + [
+            layer.moving_mean.numpy(), layer.moving_variance.numpy()]
+        if fused:
+            assert "FusedBatchNormV3" in _traced_types(step)
+    for i, (a, b) in enumerate(zip(out[True], out[False])):
+        tol = 2 ** -7 if i < 2 else 1e-5  # bfloat16 has 8 significant bits
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(b).max())
+
+
 def _traced_types(fn, *args):
     return {op.type for op in tf.function(fn).get_concrete_function(*args).graph.get_operations()}
 
@@ -105,6 +138,13 @@ def test_override_fuses_only_eligible_training_calls_and_restores_the_layer():
                     keras.layers.BatchNormalization(renorm=True)]
     for bn in not_eligible:
         assert not fused_bn.eligible(bn), bn
+    # bfloat16 inputs of a "mixed_bfloat16" layer are fused too; float16 ones
+    # (not measured) fall back.
+    for policy, fuses in (("mixed_bfloat16", True), ("mixed_float16", False)):
+        mixed = keras.Sequential([keras.Input((5, 4, 3)), _layer(dtype=policy)])
+        with fused_bn.training_override(mixed):
+            types = _traced_types(lambda t, m=mixed: m(t, training=True), x)
+        assert ("FusedBatchNormV3" in types) == fuses, policy
     # Eligible layers whose inputs are not 4-D float32 fall back at call time.
     dense_bn = keras.Sequential([keras.Input((6,)), keras.layers.BatchNormalization()])
     assert fused_bn.layers_of(dense_bn)
@@ -196,6 +236,33 @@ def test_training_step_equals_keras_batchnorm(method, kw, jit, monkeypatch):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     assert all("call" not in layer.__dict__ for layer in fused.base_model.layers)
     assert type(fused.base_model.layers[1]) is keras.layers.BatchNormalization
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_mixed_bfloat16_training_step_fuses_and_equals_keras_batchnorm(jit, monkeypatch):
+    """The same two Backward Smoothing steps as above, built under the
+    "mixed_bfloat16" policy (bin/train --dtype_policy): the step's
+    training-mode BatchNorm runs the fused kernel on bfloat16, and its weights
+    are as close to Keras' bfloat16 BatchNorm as bfloat16 rounding moves
+    Keras' own: no further from them than Keras' float32 weights are."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        fused, fused_types = _fit("backward_smoothing", jit, True, monkeypatch, epsilon=0.1)
+        keras_bn, keras_types = _fit("backward_smoothing", jit, False, monkeypatch, epsilon=0.1)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    full, _ = _fit("backward_smoothing", jit, False, monkeypatch, epsilon=0.1)
+    assert fused.base_model.layers[1].compute_dtype == "bfloat16"
+    assert full.base_model.layers[1].compute_dtype == "float32"
+    assert "FusedBatchNormV3" in fused_types and "FusedBatchNormV3" not in keras_types
+
+    def distance(m1, m2):
+        return sum(float(np.linalg.norm(a - b)) for a, b in
+                   zip(m1.base_model.get_weights(), m2.base_model.get_weights()))
+
+    rounding = distance(keras_bn, full)
+    assert 0 < distance(fused, keras_bn) <= rounding
 
 
 @pytest.mark.slow

@@ -625,6 +625,135 @@ def test_failure_detector_on_training_images_measures_pgd_itself():
     assert run(0.75, epoch=8, from_epoch=0)[1]  # from the first full-eps epoch
 
 
+def test_failure_detector_records_the_last_attempts_failure_for_a_resume(tmp_path):
+    """On the last attempt allowed (stop_on_failure False) a failure is
+    written to record_path (chief only) and read back by a fresh detector at
+    the start of training, as after a kill; earlier attempts neither write
+    nor read it."""
+    from tf_backsmooth import callbacks as cb
+
+    x = np.array([[1, 0], [0.55, 0.45], [0, 1], [0.45, 0.55]], np.float32)
+    y = np.array([0, 0, 1, 1])
+    path = str(tmp_path / "failure.json")
+
+    def detector(last, is_chief=True):
+        d = cb.FailureDetector(0.3, 0.2, x=x, y=y, pgd_steps=10, seed=0,
+                               record_path=path, is_chief=is_chief)
+        d.set_model(_linear_detector_model())
+        d.model.stop_training = False
+        d.stop_on_failure = not last
+        return d
+
+    d = detector(last=False)
+    d.on_epoch_begin(0)
+    d.on_epoch_end(0, {"adv_accuracy": 0.75})
+    assert d.failed is not None and d.model.stop_training and not os.path.exists(path)
+    d = detector(last=True, is_chief=False)
+    d.on_epoch_begin(0)
+    d.on_epoch_end(0, {"adv_accuracy": 0.75})
+    assert d.failed is not None and not d.model.stop_training and not os.path.exists(path)
+    d = detector(last=True)
+    d.on_epoch_begin(0)
+    d.on_epoch_end(0, {"adv_accuracy": 0.75})
+    assert json.loads(open(path).read()) == d.failed and not d.model.stop_training
+    resumed = detector(last=True)
+    resumed.on_train_begin()
+    assert resumed.failed == d.failed
+    earlier = detector(last=False)  # an attempt that may still restart
+    earlier.on_train_begin()
+    assert earlier.failed is None
+
+
+def test_failure_keep_flag():
+    assert _parse().failure_keep == "best"
+    assert _parse("--failure_restarts=1", "--failure_keep=last").failure_keep == "last"
+    with pytest.raises(config_lib.ConfigError, match="failure_keep"):
+        _parse("--failure_keep=last")  # nothing to choose among without restarts
+    with pytest.raises(Exception, match="failure_keep"):
+        _parse("--failure_restarts=1", "--failure_keep=worst")
+
+
+@pytest.mark.parametrize("keep,scores,kept,data", [("best", (0.5, 0.2), 1, "train"),
+                                                   ("best", (0.2, 0.2), 2, "train"),
+                                                   ("last", None, 2, "train"),
+                                                   ("best", (0.5, 0.2), 1, "validation")])
+def test_when_every_attempt_fails_the_least_bad_one_is_exported(
+        tmp_path, mnist_dir, monkeypatch, keep, scores, kept, data):
+    """Both attempts fail (the check's PGD accuracy is forced to -1 and the
+    gap to 0); train_lib.check_score is scripted. With --failure_keep=best the
+    weights it scores higher are exported -- attempt 1's (its seed, its
+    epoch), or on a tie the last attempt's -- with a warning and every score
+    in results.json; with 'last' nothing is scored and the last attempt is
+    exported. A run killed during its final evaluation and resumed makes the
+    same choice (the last attempt's failure is read back from failure.json).
+    ``validation``: 2 epochs judged at epoch 2 only, validation accuracy
+    scripted to peak at epoch 1, so attempt 1's candidate is its best epoch
+    (best.weights.h5, epoch 1), not its newest checkpoint (epoch 2)."""
+    import keras
+
+    from tf_backsmooth import callbacks as cb
+    from tf_backsmooth import evaluation, train_lib
+
+    # Below any training-attack accuracy (2 steps can leave that at 0).
+    monkeypatch.setattr(cb.FailureDetector, "_train_robust_accuracy", lambda self: -1.0)
+
+    def scripted_validation(self, epoch, logs=None):
+        logs.update(val_clean_accuracy=1.0, val_robust_accuracy=0.9 if epoch == 0 else -1.0)
+
+    monkeypatch.setattr(cb.RobustValidation, "on_epoch_end", scripted_validation)
+    seen = []
+
+    def fake_score(config, detector, val, model):
+        assert (detector.x is not None) == (data == "train")
+        seen.append([w.copy() for w in model.get_weights()])
+        return scores[(len(seen) - 1) % len(scores)]
+
+    monkeypatch.setattr(train_lib, "check_score", fake_score)
+    how = (dict(validation_size=0, eval_every=0, failure_examples=50, epochs=1)
+           if data == "train" else
+           dict(validation_size=64, eval_every=1, eval_examples=64, epochs=2,
+                failure_from_epoch=2))
+    config = config_lib.TrainConfig(
+        dataset="mnist", data_dir=str(mnist_dir), model="mlp", method="fgsm_rs",
+        epsilon=0.1, batch_size=64, num_train_examples=128, test_examples=64,
+        test_pgd_steps=2, verbose=0, tensorboard=False, failure_restarts=1,
+        failure_gap=0.0, failure_data=data, failure_keep=keep, seed=5,
+        model_dir=str(tmp_path), **how)
+    real_evaluate = evaluation.evaluate
+    kills = []
+
+    def killed_once(*args, **kwargs):  # a kill during the final evaluation
+        if not kills:
+            kills.append(1)
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "evaluate", killed_once)
+    with pytest.raises(KeyboardInterrupt):
+        train_lib.run(config)
+    assert (tmp_path / "failure.json").exists() and not (tmp_path / "results.json").exists()
+    first = len(seen)
+    results = train_lib.run(config)  # resumes: no epoch left, same choice
+    assert results == json.loads((tmp_path / "results.json").read_text())
+    exported = keras.saving.load_model(tmp_path / "model.keras").get_weights()
+    assert len(results["failed_attempts"]) == 1
+    if keep == "last":
+        assert seen == [] and results["least_bad"] is None
+        assert results["seed"] == train_lib.attempt_seed(5, 1)
+        return
+    assert first == len(seen) - first == 2  # both attempts scored, before and after the kill
+    assert any(not np.array_equal(a, b) for a, b in zip(seen[0], seen[1]))
+    for w, ref in zip(exported, seen[len(seen) - 2 + kept - 1]):
+        np.testing.assert_array_equal(w, ref)
+    check = "PGD-10 on 50 training images" if data == "train" else "PGD-10 on the validation split"
+    assert results["least_bad"] == {"kept_attempt": kept, "check": check,
+                                    "robust_accuracy": list(scores)}
+    assert results["seed"] == (5 if kept == 1 else train_lib.attempt_seed(5, 1))
+    assert any("every one of the 2 attempts failed the check" in w
+               for w in results["warnings"])
+    assert ("attempt 1 of 2 (epoch 1, in attempt_1/)" in results["selected_weights"]) == (kept == 1)
+
+
 def test_lr_boundaries_flag_parses_epochs():
     assert _parse().lr_boundaries == () == _parse("--lr_boundaries=").lr_boundaries
     assert _parse("--lr_boundaries=2.5,3").lr_boundaries == (2.5, 3.0)
@@ -694,7 +823,7 @@ def test_failed_run_restarts_with_a_new_seed_and_keeps_the_failed_attempt(tmp_pa
     # mlp (no Dropout): its training-attack accuracy exceeds the validation PGD
     # accuracy after epoch 1, which this test needs.
     proc = _run(_tiny(run_dir, mnist_dir, "--model=mlp", "--epochs=2",
-                      "--failure_restarts=1", "--seed=5", *how))
+                      "--failure_restarts=1", "--failure_keep=last", "--seed=5", *how))
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "FAILED attempt 1 (seed 5) at epoch 1" in proc.stderr
     results = json.loads((run_dir / "results.json").read_text())
@@ -726,7 +855,7 @@ def test_failed_run_without_validation_split_restarts_judged_on_training_images(
     proc = _run(_tiny(run_dir, mnist_dir, "--model=mlp", "--epochs=2", "--epsilon_warmup_epochs=0",
                       "--validation_size=0", "--eval_every=0", "--failure_data=train",
                       "--failure_examples=200", "--failure_from_epoch=2", "--failure_gap=0",
-                      "--failure_restarts=1", "--seed=5"))
+                      "--failure_restarts=1", "--failure_keep=last", "--seed=5"))
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert ("FAILED attempt 1 (seed 5) at epoch 2" in proc.stderr
             and "under training-image PGD" in proc.stderr), proc.stderr[-4000:]
@@ -756,7 +885,7 @@ def test_failed_attempt_rolls_back_to_the_start_of_its_failed_epoch(tmp_path, mn
     proc = _run(_tiny(run_dir, mnist_dir, "--model=mlp", "--epochs=3",
                       "--epsilon_warmup_epochs=2", "--failure_gap=1",
                       "--failure_warmup_gap=0", "--failure_rollback",
-                      "--failure_restarts=1", "--seed=5"))
+                      "--failure_restarts=1", "--failure_keep=last", "--seed=5"))
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert ("FAILED attempt 1 (seed 5) at epoch 2" in proc.stderr
             and "from the checkpoint of epoch 1" in proc.stderr), proc.stderr[-4000:]

@@ -155,10 +155,16 @@ class FailureDetector(keras.callbacks.Callback):
     ``from_epoch = epochs`` judges the finished run only, for a recipe whose
     healthy runs can dip below PGD and recover mid-training (docs/MNIST_STUDY.md
     section 13: Wong et al.'s FGSM-RS).
+
+    ``record_path``: on the last attempt allowed (``stop_on_failure`` False)
+    a failure is also written there (chief only) and read back at the start
+    of training, so a run killed after it and resumed still knows that its
+    last attempt failed (``train_lib`` then keeps the least bad attempt).
     """
 
     def __init__(self, epsilon, gap, warmup_gap=None, from_epoch=0, x=None,
-                 y=None, pgd_steps=10, seed=0, batch_size=500):
+                 y=None, pgd_steps=10, seed=0, batch_size=500, record_path=None,
+                 is_chief=True):
         super().__init__()
         self.epsilon, self.gap = float(epsilon), float(gap)
         self.warmup_gap = (None if warmup_gap is None or warmup_gap >= 1
@@ -170,6 +176,12 @@ class FailureDetector(keras.callbacks.Callback):
         # False on the last attempt allowed: record the failure, keep training.
         self.stop_on_failure = True
         self._full_epsilon = True
+        self.record_path, self.is_chief = record_path, is_chief
+
+    def on_train_begin(self, logs=None):
+        if (self.failed is None and not self.stop_on_failure
+                and self.record_path and os.path.exists(self.record_path)):
+            self.failed = fileio.read_json(self.record_path)
 
     def _warming_up(self):
         warming_up = getattr(self.model, "warming_up", None)
@@ -214,6 +226,8 @@ class FailureDetector(keras.callbacks.Callback):
             self.failed = {"epoch": epoch + 1, "adv_accuracy": float(adv),
                            key: float(robust), "end_of_warmup": end_of_warmup}
             self.model.stop_training = self.stop_on_failure
+            if not self.stop_on_failure and self.record_path and self.is_chief:
+                fileio.write_json(self.record_path, self.failed)
 
 
 class RunLog(keras.callbacks.Callback):

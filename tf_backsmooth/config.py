@@ -183,6 +183,7 @@ CO_RULES = ("drop_and_gap", "drop", "gap", "floor_and_gap")
 CO_POLICIES = ("shrink_step", "switch_method")
 # What --failure_restarts measures PGD accuracy on: the validation split, or a
 # fixed, seeded subset of the training images (no split needed).
+FAILURE_KEEP = ("best", "last")
 FAILURE_DATA = ("validation", "train")
 METHODS = ("natural", "pgd_at", "trades", "fgsm_rs", "fast_trades", "gradalign",
            "n_fgsm", "backward_smoothing")
@@ -302,6 +303,10 @@ class TrainConfig:
     # many as eval_pgd_steps). Session 14: PGD-10 (step 2.5 eps / 10) missed
     # a partial collapse that PGD-20 and the final NOT ROBUST check saw.
     failure_pgd_steps: int = 0
+    # When every attempt fails the check: export the attempt whose weights
+    # score best on the check's own attack and images ("best", session 15),
+    # or the last attempt as before ("last").
+    failure_keep: str = "best"
 
     def __post_init__(self):
         check_choice("dataset", self.dataset, DATASETS)
@@ -380,6 +385,10 @@ class TrainConfig:
         check_int("failure_examples", self.failure_examples, low=1)
         check_int("failure_from_epoch", self.failure_from_epoch, low=0)
         check_int("failure_pgd_steps", self.failure_pgd_steps, low=0)
+        check_choice("failure_keep", self.failure_keep, FAILURE_KEEP)
+        if self.failure_keep != "best" and not self.failure_restarts:
+            raise ConfigError(f"failure_keep={self.failure_keep!r} chooses among restarted "
+                              "attempts: it needs failure_restarts > 0")
         if self.failure_pgd_steps and self.failure_data != "train":
             raise ConfigError("failure_pgd_steps sets the attack of --failure_data=train; with "
                               "failure_data=validation the check reads the robust validation "

@@ -199,6 +199,11 @@ def define_flags(flag_values=flags.FLAGS):
             "--failure_data=train: the PGD steps of the check's attack (step size "
             "2.5*eps/steps, one random start); 0: --eval_pgd_steps. The final NOT ROBUST "
             "check uses --test_pgd_steps (20).")
+    _define(fv, flags.DEFINE_enum, "failure_keep", d.failure_keep, config_lib.FAILURE_KEEP,
+            "When every attempt fails the check (the last one allowed trains to the "
+            "end): 'best' exports the attempt whose weights are most accurate under "
+            "the check's PGD on the check's images (all attempts measured on the same "
+            "images, recorded in results.json), 'last' the last attempt.")
     _define(fv, flags.DEFINE_integer, "failure_from_epoch", d.failure_from_epoch,
             "Judge only epochs from this one on (1-based; 0: from the first epoch "
             "trained at full epsilon). --failure_from_epoch=<epochs> judges the "

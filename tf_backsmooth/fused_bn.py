@@ -25,9 +25,10 @@ batch's biased variance, the same moving-average update (the kernel returns
 the unbiased variance ``n / (n - 1)`` times the biased one, which is converted
 back before the update), the same gradients. Eligible layers: Keras' own
 ``call`` (not overridden by a subclass), 4-D float32 inputs normalised over
-the last axis, ``center`` and ``scale`` on, no ``renorm``, not
-``synchronized``, no mask, no ``call`` set on the instance by someone else;
-anything else falls back to Keras' code at call time.
+the last axis (or 4-D bfloat16 inputs of a ``mixed_bfloat16`` layer),
+``center`` and ``scale`` on, no ``renorm``, not ``synchronized``, no mask, no
+``call`` set on the instance by someone else; anything else falls back to
+Keras' code at call time.
 
 :data:`ENABLED` is ``"auto"`` by default: on when TensorFlow sees no GPU or
 TPU (only CPUs were measured); ``True`` or ``False`` forces it.
@@ -49,6 +50,12 @@ from tf_backsmooth import fastgrad
 ENABLED = "auto"
 
 _KERAS_CALL = keras.layers.BatchNormalization.call
+
+# (input dtype, layer compute dtype) pairs that are fused: float32, and
+# bfloat16 under the "mixed_bfloat16" policy (session 15: the kernel takes
+# bfloat16 inputs with float32 statistics, scale and offset, as Keras
+# computes them after its upcast). float16 was not measured: Keras' code.
+_FUSED_DTYPES = {("float32", "float32"), ("bfloat16", "bfloat16")}
 
 
 def enabled():
@@ -80,7 +87,9 @@ def fused_training_call(layer, inputs):
     Normalises with the batch statistics and updates the moving statistics
     as Keras' ``BatchNormalization.call`` does (biased variance), up to float
     rounding.
-    ``inputs``: a 4-D float32 NHWC tensor, normalised over the channels.
+    ``inputs``: a 4-D float32 or bfloat16 NHWC tensor, normalised over the
+    channels (bfloat16: the statistics are accumulated in float32, as Keras'
+    upcast does, and the output is bfloat16, as Keras casts it back).
     """
     empty = tf.constant([], tf.float32)
     outputs, mean, unbiased, _, _, _ = tf.raw_ops.FusedBatchNormV3(
@@ -103,7 +112,7 @@ def _call(self, inputs, training=None, mask=None):
     axis = self.axis if isinstance(self.axis, int) else None
     if (training is True and self.trainable and mask is None
             and len(inputs.shape) == 4 and axis in (-1, 3)
-            and inputs.dtype == tf.float32 and self.compute_dtype == "float32"):
+            and (inputs.dtype.name, self.compute_dtype) in _FUSED_DTYPES):
         return fused_training_call(self, inputs)
     return _KERAS_CALL(self, inputs, training=training, mask=mask)
 

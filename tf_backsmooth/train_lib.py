@@ -364,7 +364,7 @@ def make_callbacks(config, model, val, global_batch, is_chief=True,
             total_epochs=config.epochs))
         out.append(cb.BestCheckpoint(config.model_dir, is_chief=is_chief))
     if config.failure_restarts:
-        out.append(make_failure_detector(config, train))
+        out.append(make_failure_detector(config, train, is_chief))
     out.append(cb.RunLog(config.model_dir, global_batch, is_chief=is_chief))
     if config.tensorboard and is_chief:
         log_dir = os.path.join(config.model_dir, "tensorboard")
@@ -380,7 +380,7 @@ def make_callbacks(config, model, val, global_batch, is_chief=True,
     return out, nan_guard
 
 
-def make_failure_detector(config, train):
+def make_failure_detector(config, train, is_chief=True):
     """The ``--failure_restarts`` check; with ``--failure_data=train`` it
     attacks a fixed subset of the training images chosen by the run's
     seed (each attempt its own subset)."""
@@ -396,7 +396,9 @@ def make_failure_detector(config, train):
                       seed=config.seed)
     return cb.FailureDetector(config.epsilon, config.failure_gap,
                               config.failure_warmup_gap,
-                              from_epoch=config.failure_from_epoch, **subset)
+                              from_epoch=config.failure_from_epoch,
+                              record_path=os.path.join(config.model_dir, FAILURE_RECORD),
+                              is_chief=is_chief, **subset)
 
 
 def make_co_guard(config, train, is_chief=True):
@@ -447,9 +449,11 @@ def robustness_gap_warning(model_dir, robust_accuracy):
 
 
 ATTEMPTS = "attempts.json"
+# The failure of the last attempt allowed (FailureDetector.record_path).
+FAILURE_RECORD = "failure.json"
 # Files of one training attempt, moved to attempt_<k>/ when it is restarted.
 _ATTEMPT_FILES = ("metrics.jsonl", "best.json", "best.weights.h5", BACKUP,
-                  "tensorboard", "co_guard")
+                  "tensorboard", "co_guard", FAILURE_RECORD)
 
 
 def attempt_seed(seed, attempt):
@@ -476,6 +480,7 @@ def _archive_attempt(model_dir, number, attempts, rollback_epoch=0):
         repeat += 1
         folder = os.path.join(model_dir, f"attempt_{number}.{repeat}")
     os.makedirs(folder)
+    attempts[-1]["folder"] = os.path.basename(folder)
     for name in _ATTEMPT_FILES:
         path = os.path.join(model_dir, name)
         if os.path.exists(path):
@@ -519,6 +524,67 @@ def _rollback_epoch(config, failed_epoch, model_dir):
                     "attempt starts from scratch", epoch)
         return 0
     return epoch
+
+
+def check_score(config, detector, val, model):
+    """Robust accuracy of ``model`` under the failure check's own attack and
+    images: PGD-``failure_pgd_steps`` on the detector's training images, or
+    PGD-``eval_pgd_steps`` on the validation split."""
+    from tf_backsmooth import evaluation
+
+    if detector.x is not None:
+        x, y, steps = detector.x, detector.y, detector.pgd_steps
+    else:
+        x, y, steps = _to_float(val[0]), val[1], config.eval_pgd_steps
+    report = evaluation.evaluate(model, x, y, [config.epsilon], attacks=("pgd",),
+                                 batch_size=detector.batch_size, pgd_steps=steps,
+                                 seed=config.seed)
+    return float(report["robust_accuracy"])
+
+
+def keep_least_bad(config, model, detector, attempts, val):
+    """Every attempt failed the check (the last one allowed trained on):
+    loads into ``model`` the attempt whose weights are the most accurate
+    under the check (:func:`check_score`, all on the same images and draws)
+    and returns ``(kept, scores, epochs)``: the 1-based attempt number, every
+    attempt's score (None for one whose checkpoint cannot be read) and the
+    epoch of each failed attempt's weights. A failed attempt's candidate is
+    what it would have exported: its best epoch by validation
+    (``best.weights.h5``) when it has one, else its newest checkpoint (the
+    failed epoch); the last attempt's is ``model``'s own (already selected)
+    weights. Ties keep the later attempt."""
+    from tf_backsmooth import callbacks as cb
+
+    state = cb.training_state(model)
+    last = [np.array(v.numpy()) for v in state]
+    arrays, scores, epochs = {}, [], []
+    for number, attempt in enumerate(attempts, 1):
+        folder = os.path.join(config.model_dir, attempt.get("folder", f"attempt_{number}"))
+        try:
+            epoch = cb.Backup(os.path.join(folder, BACKUP)).restore(model)
+        except cb.CheckpointError as err:
+            epoch = 0
+            log.warning("attempt %d cannot be compared: %s", number, err)
+        if epoch == 0:
+            scores.append(None)
+            epochs.append(None)
+            continue
+        best = cb.BestCheckpoint(folder)
+        best.on_train_begin()
+        if best.restore_best(model.base_model):
+            epoch = best.best_epoch
+        arrays[number] = [np.array(v.numpy()) for v in state]
+        scores.append(check_score(config, detector, val, model.base_model))
+        epochs.append(int(epoch))
+    for var, value in zip(state, last):
+        var.assign(value)
+    scores.append(check_score(config, detector, val, model.base_model))
+    kept = max(range(len(scores)), key=lambda i: (-1.0 if scores[i] is None
+                                                  else scores[i], i)) + 1
+    if kept in arrays:
+        for var, value in zip(state, arrays[kept]):
+            var.assign(value)
+    return kept, scores, epochs
 
 
 def _find(callbacks, cls):
@@ -719,6 +785,32 @@ def _run(config, strategy, is_chief, flags_text):
         selected = f"best (epoch {best.best_epoch}, {best.monitor}=" \
                    f"{best.best:.4f})"
 
+    least_bad, metrics_dir, kept_seed = None, config.model_dir, config.seed
+    if (attempts and detector is not None and detector.failed is not None
+            and config.failure_keep == "best" and not nan_guard.hit):
+        log.info("every attempt (%d) failed the check: measuring each one's "
+                 "weights under it to keep the least bad", len(attempts) + 1)
+        kept, scores, epochs = keep_least_bad(config, model, detector, attempts, val)
+        what = (f"PGD-{detector.pgd_steps} on {len(detector.y)} training images"
+                if detector.x is not None else
+                f"PGD-{config.eval_pgd_steps} on the validation split")
+        least_bad = {"kept_attempt": kept, "check": what, "robust_accuracy": scores}
+        shown = ", ".join("unreadable" if a is None else f"{100 * a:.1f} %"
+                          for a in scores)
+        if kept <= len(attempts):
+            folder = attempts[kept - 1].get("folder", f"attempt_{kept}")
+            metrics_dir = os.path.join(config.model_dir, folder)
+            kept_seed = attempts[kept - 1]["seed"]
+            selected = (f"attempt {kept} of {len(attempts) + 1} (epoch "
+                        f"{epochs[kept - 1]}, in {folder}/), the least bad")
+        else:
+            selected = f"{selected}, attempt {kept} (the last), the least bad"
+        warnings.append(
+            f"every one of the {len(attempts) + 1} attempts failed the check; the "
+            f"exported weights are attempt {kept}'s, the most accurate under {what} "
+            f"({shown} for attempts 1-{len(attempts) + 1})")
+        log.warning("LEAST BAD: %s", warnings[-1])
+
     classifier = export_classifier(config, info, model.base_model)
     x_test = _to_float(test[0])
     log.info("final test evaluation: clean and PGD-%d on %d test images",
@@ -740,8 +832,9 @@ def _run(config, strategy, is_chief, flags_text):
         "train_seconds": train_seconds + sum(a["train_seconds"] for a in attempts),
         "wall_seconds_this_process": time.time() - started,
         "grad_evals": _total_grad_evals(callbacks) + sum(a["grad_evals"] for a in attempts),
-        "seed": config.seed,
+        "seed": kept_seed,
         "failed_attempts": attempts,
+        "least_bad": least_bad,
         "grad_evals_per_example_per_step": model.method.grad_evals(model.params),
         "steps": int(model.optimizer.iterations.numpy()),
         "nan_stop": nan_guard.hit,
@@ -750,7 +843,7 @@ def _run(config, strategy, is_chief, flags_text):
         "co_guard": _co_guard_summary(callbacks),
         "warnings": warnings + report.get("warnings", []),
     }
-    gap_warning = robustness_gap_warning(config.model_dir, results["robust_accuracy"])
+    gap_warning = robustness_gap_warning(metrics_dir, results["robust_accuracy"])
     if gap_warning is not None:
         results["warnings"].append(gap_warning)
         if is_chief:
