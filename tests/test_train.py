@@ -754,6 +754,26 @@ def test_when_every_attempt_fails_the_least_bad_one_is_exported(
     assert ("attempt 1 of 2 (epoch 1, in attempt_1/)" in results["selected_weights"]) == (kept == 1)
 
 
+def test_bfloat16_policy_warns_on_a_cpu_without_bfloat16_units(tmp_path):
+    """The bfloat16 units come from the cpuinfo flags line; mixed_bfloat16 on
+    a CPU reporting none warns (with the benchmark to run), not when it
+    reports one, not for other policies, on an accelerator, or when unknown."""
+    from tf_backsmooth import train_lib
+
+    amx, plain = tmp_path / "amx", tmp_path / "plain"
+    amx.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_tile amx_bf16\n")
+    plain.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f\n")
+    assert train_lib.cpu_bfloat16_units(str(amx)) == ["amx_bf16", "avx512_bf16"]
+    assert train_lib.cpu_bfloat16_units(str(plain)) == []
+    assert train_lib.cpu_bfloat16_units(str(tmp_path / "missing")) is None
+    warning = train_lib.bfloat16_warning("mixed_bfloat16", [], None)
+    assert "no bfloat16 units" in warning and "--precisions=float32,bfloat16" in warning
+    assert train_lib.bfloat16_warning("mixed_bfloat16", ["amx_bf16"], None) is None
+    assert train_lib.bfloat16_warning("float32", [], None) is None
+    assert train_lib.bfloat16_warning("mixed_bfloat16", [], "GPU") is None
+    assert train_lib.bfloat16_warning("mixed_bfloat16", None, None) is None
+
+
 def test_lr_boundaries_flag_parses_epochs():
     assert _parse().lr_boundaries == () == _parse("--lr_boundaries=").lr_boundaries
     assert _parse("--lr_boundaries=2.5,3").lr_boundaries == (2.5, 3.0)

@@ -318,6 +318,36 @@ def build_model(config, info, steps_per_epoch=None):
                        **dict(config.method_kwargs))
 
 
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_bfloat16_units(cpuinfo="/proc/cpuinfo"):
+    """The bfloat16 instruction sets the CPU reports (of :data:`BF16_CPU_FLAGS`,
+    read from the first ``flags`` line of ``cpuinfo``); None when that file
+    cannot be read (not Linux)."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[-1].split())
+                    return [u for u in BF16_CPU_FLAGS if u in flags]
+    except OSError:
+        return None
+    return []
+
+
+def bfloat16_warning(dtype_policy, units, accelerator):
+    """A warning (or None) for ``mixed_bfloat16`` on a CPU that reports no
+    bfloat16 units (``units == []``; None = unknown: no warning)."""
+    if dtype_policy != "mixed_bfloat16" or accelerator is not None or units != []:
+        return None
+    return ("--dtype_policy=mixed_bfloat16 on a CPU that reports no bfloat16 units "
+            f"({' / '.join(BF16_CPU_FLAGS)} absent from /proc/cpuinfo): its bfloat16 "
+            "matrix products are not native here, so this may train slower than float32 "
+            "(the measured 2-2.6x gains were on a CPU with AMX). Time both first: python "
+            "bench/vs_pytorch.py --precisions=float32,bfloat16")
+
+
 def manifest(config, model, strategy_name, num_replicas):
     import keras
     import tensorflow as tf
@@ -338,6 +368,8 @@ def manifest(config, model, strategy_name, num_replicas):
         "attack_conv_input_gradient": fastgrad.describe(),
         "training_batchnorm": (fused_bn.describe() if not model.batch_independent
                                else "no BatchNorm layer"),
+        "dtype_policy": config.dtype_policy,
+        "cpu_bfloat16_units": cpu_bfloat16_units(),
         "seed": config.seed,
         "method": config.method,
         "params": config_lib.as_dict(model.params),
@@ -678,6 +710,11 @@ def _run(config, strategy, is_chief, flags_text):
     num_replicas = strategy.num_replicas_in_sync
     distribute.check_batch_size(config.batch_size, num_replicas)
     keras.config.set_dtype_policy(config.dtype_policy)
+    from tf_backsmooth import fastgrad
+    bf16_note = bfloat16_warning(config.dtype_policy, cpu_bfloat16_units(),
+                                 fastgrad.accelerator())
+    if bf16_note and is_chief:
+        log.warning("%s", bf16_note)
 
     from tf_backsmooth import callbacks as cb
 
