@@ -183,8 +183,7 @@ def failure_check(keras_path, seed, mnist_dir, pgd_steps):
     train = data_lib.load_arrays("mnist", "train", str(mnist_dir), validation_size=0)
     detector = train_lib.make_failure_detector(config, train)
     assert isinstance(detector, callbacks.FailureDetector)
-    detector.set_model(types.SimpleNamespace(base_model=keras.models.load_model(keras_path)))
-    return detector._train_robust_accuracy()  # pylint: disable=protected-access
+    return detector.robust_accuracy(keras.models.load_model(keras_path))
 
 
 def main():

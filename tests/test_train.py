@@ -664,6 +664,34 @@ def test_failure_detector_records_the_last_attempts_failure_for_a_resume(tmp_pat
     assert earlier.failed is None
 
 
+def test_check_score_measures_a_model_under_the_failure_checks_attack():
+    """train_lib.check_score, which compares attempts, measures the given model
+    with the check's own attack: on the detector's images (4 points, PGD
+    accuracy 0.5 by construction, as in the detector test above) or, without
+    them, on the validation split (the same points as uint8 images); a model
+    whose logits are swapped scores 0 (the check reads the model passed,
+    not the detector's)."""
+    import keras
+
+    from tf_backsmooth import callbacks as cb
+    from tf_backsmooth import train_lib
+
+    x = np.array([[1, 0], [0.55, 0.45], [0, 1], [0.45, 0.55]], np.float32)
+    y = np.array([0, 0, 1, 1])
+    model = _linear_detector_model()
+    swapped = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)])
+    swapped.set_weights([10 * np.eye(2, dtype=np.float32)[::-1], np.zeros(2, np.float32)])
+    config = config_lib.TrainConfig(epsilon=0.3, eval_pgd_steps=10)
+    on_train = cb.FailureDetector(0.3, 0.2, x=x, y=y, pgd_steps=10, seed=0)
+    on_train.set_model(_linear_detector_model())
+    assert train_lib.check_score(config, on_train, None, model.base_model) == 0.5
+    assert train_lib.check_score(config, on_train, None, swapped) == 0.0
+    on_val = cb.FailureDetector(0.3, 0.2)
+    val = (np.array([[255, 0], [140, 115], [0, 255], [115, 140]], np.uint8), y)
+    assert train_lib.check_score(config, on_val, val, model.base_model) == 0.5
+    assert train_lib.check_score(config, on_val, val, swapped) == 0.0
+
+
 def test_failure_keep_flag():
     assert _parse().failure_keep == "best"
     assert _parse("--failure_restarts=1", "--failure_keep=last").failure_keep == "last"
@@ -695,7 +723,7 @@ def test_when_every_attempt_fails_the_least_bad_one_is_exported(
     from tf_backsmooth import evaluation, train_lib
 
     # Below any training-attack accuracy (2 steps can leave that at 0).
-    monkeypatch.setattr(cb.FailureDetector, "_train_robust_accuracy", lambda self: -1.0)
+    monkeypatch.setattr(cb.FailureDetector, "robust_accuracy", lambda self, model=None: -1.0)
 
     def scripted_validation(self, epoch, logs=None):
         logs.update(val_clean_accuracy=1.0, val_robust_accuracy=0.9 if epoch == 0 else -1.0)

@@ -194,10 +194,13 @@ class FailureDetector(keras.callbacks.Callback):
         # ends the warm-up only with ``warmup_gap``.
         self._full_epsilon = not self._warming_up()
 
-    def _train_robust_accuracy(self):
+    def robust_accuracy(self, model=None):
+        """PGD-``pgd_steps`` accuracy of ``model`` (default: the trained
+        model's classifier) on the check's own images ``x``, ``y``: what a
+        judged epoch measures, and what ``train_lib`` compares attempts by."""
         from tf_backsmooth import evaluation
         report = evaluation.evaluate(
-            self.model.base_model, self.x, self.y, [self.epsilon],
+            self.model.base_model if model is None else model, self.x, self.y, [self.epsilon],
             attacks=("pgd",), batch_size=self.batch_size,
             pgd_steps=self.pgd_steps, seed=self.seed)
         return float(report["robust_accuracy"])
@@ -220,7 +223,7 @@ class FailureDetector(keras.callbacks.Callback):
             if robust is None:  # no validation this epoch
                 return
         else:
-            key, robust = "train_robust_accuracy", self._train_robust_accuracy()
+            key, robust = "train_robust_accuracy", self.robust_accuracy()
             logs["failure_robust_accuracy"] = robust
         if float(adv) - float(robust) > gap:
             self.failed = {"epoch": epoch + 1, "adv_accuracy": float(adv),

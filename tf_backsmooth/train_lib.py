@@ -565,12 +565,10 @@ def check_score(config, detector, val, model):
     from tf_backsmooth import evaluation
 
     if detector.x is not None:
-        x, y, steps = detector.x, detector.y, detector.pgd_steps
-    else:
-        x, y, steps = _to_float(val[0]), val[1], config.eval_pgd_steps
-    report = evaluation.evaluate(model, x, y, [config.epsilon], attacks=("pgd",),
-                                 batch_size=detector.batch_size, pgd_steps=steps,
-                                 seed=config.seed)
+        return detector.robust_accuracy(model)
+    report = evaluation.evaluate(model, _to_float(val[0]), val[1], [config.epsilon],
+                                 attacks=("pgd",), batch_size=detector.batch_size,
+                                 pgd_steps=config.eval_pgd_steps, seed=config.seed)
     return float(report["robust_accuracy"])
 
 
