@@ -93,6 +93,14 @@ VARIANTS = {
                    "BS recipe with step size 1.25 eps = 0.375 (Wong et al.'s FGSM ratio) instead of "
                    "alpha = eps; stopped after 2 seeds (no gain)"),
     "pgd_at": ("recipes", PGD, [], "0,1", "PGD-AT with 40 steps of 0.01, the recipe flagfile"),
+    **{f"{m}_bs_recipe": ("recipes", BS, [f"--method={m}"], THREE,
+                          f"{what} with the Backward Smoothing flagfile unchanged otherwise "
+                          "(session 16): the same warm-up, learning rate, failure check and "
+                          "restarts, the method's default step")
+       for m, what in (("fgsm_rs", "FGSM-RS (uniform start, one step of 1.25 eps)"),
+                       ("fast_trades", "Fast TRADES (uniform start, one KL step of eps)"),
+                       ("gradalign", "GradAlign (FGSM step of eps + 0.2 x (1 - cos))"),
+                       ("n_fgsm", "N-FGSM (noise 2 eps, one step of eps, no projection)"))},
     "wong": ("wong", WONG, NO_RESTART, SIX,
              "Wong et al.'s FGSM-RS recipe, flag for flag (the flagfile without its restart)"),
     "wong_co_guard": ("wong", WONG, NO_RESTART + ["--co_guard"], SIX,

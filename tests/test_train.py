@@ -52,6 +52,7 @@ def test_defaults_parse_to_a_valid_config():
     (["--eval_every=-1"], "eval_every"), (["--eval_examples=0"], "eval_examples"),
     (["--eval_pgd_steps=0"], "eval_pgd_steps"), (["--test_examples=0"], "test_examples"),
     (["--test_pgd_steps=0"], "test_pgd_steps"), (["--num_train_examples=0"], "num_train_examples"),
+    (["--test_autoattack_examples=-1"], "test_autoattack_examples"),
     (["--validation_size=-5"], "validation_size"), (["--verbose=3"], "verbose"),
     (["--num_cpu_devices=2"], "num_cpu_devices"), (["--model_dir="], "model_dir"),
     (["--method=natural", "--steps=3"], "natural"),
@@ -129,7 +130,8 @@ def _tiny(model_dir, mnist_dir, *extra):
             "--method=backward_smoothing", "--epsilon=0.1", "--epochs=4",
             "--batch_size=128", "--num_train_examples=1024", "--optimizer=adam",
             "--lr=0.003", "--lr_schedule=constant", "--eval_examples=200", "--eval_pgd_steps=5",
-            "--test_examples=300", "--test_pgd_steps=5", "--verbose=2",
+            "--test_examples=300", "--test_pgd_steps=5", "--test_autoattack_examples=64",
+            "--verbose=2",
             # 24 of the 32 steps ramp epsilon up, so the resume test resumes mid-warm-up.
             "--epsilon_warmup_epochs=3",
             f"--model_dir={model_dir}", *extra]
@@ -167,6 +169,29 @@ def test_run_directory_contents(finished_run):
     np.testing.assert_allclose([r["epsilon"] for r in records],
                                [0.1 * min(1.0, 8 * e / 24) for e in (1, 2, 3, 4)], rtol=1e-5)
     assert "robust test accuracy" in proc.stdout
+    assert "autoattack_lite accuracy" in proc.stdout
+
+
+@pytest.mark.slow
+def test_final_autoattack_measures_the_exported_model_on_the_first_test_images(finished_run,
+                                                                                mnist_dir):
+    """results.json's autoattack_lite block is PGD-5 and autoattack_lite of the
+    exported model on the first 64 test images with the run's seed: the same
+    numbers as evaluate() on model.keras."""
+    from tf_backsmooth import data, evaluation
+
+    run_dir, _ = finished_run
+    block = json.loads((run_dir / "results.json").read_text())["autoattack_lite"]
+    x, y = data.load_arrays("mnist", "test", str(mnist_dir), num_examples=64)
+    model = evaluation.load_classifier(str(run_dir / "model.keras"))
+    report = evaluation.evaluate(model, x.astype(np.float32) / 255, y, [0.1],
+                                 attacks=("pgd", "autoattack_lite"), pgd_steps=5, seed=0)
+    acc = report["attacks"]["0.1"]
+    assert block["test_examples"] == 64
+    assert (block["clean_accuracy"], block["pgd_accuracy"], block["autoattack_lite_accuracy"],
+            block["robust_accuracy"]) == (report["clean_accuracy"], acc["pgd"],
+                                          acc["autoattack_lite"], report["robust_accuracy"])
+    assert block["robust_accuracy"] < block["clean_accuracy"]  # eps 0.1 breaks some
 
 
 @pytest.mark.slow
@@ -440,6 +465,59 @@ def test_robustness_gap_warning(tmp_path):
     assert "90.0 %" in warning and "31.0 %" in warning and "epsilon_warmup_epochs" in warning
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "loss": 0.1}) + "\n")
     assert train_lib.robustness_gap_warning(str(tmp_path), 0.0) is None  # natural training
+
+
+def test_overestimate_warning():
+    """PGD more than 10 points above autoattack_lite on the same images is called out."""
+    from tf_backsmooth import train_lib
+
+    assert train_lib.overestimate_warning(0.85, 0.79, 1000, 20) is None  # a healthy BS run
+    assert train_lib.overestimate_warning(0.5, 0.4, 1000, 20) is None  # exactly at the gap
+    warning = train_lib.overestimate_warning(0.512, 0.362, 1000, 20)  # N-FGSM, seed 0
+    assert "51.2 %" in warning and "36.2 %" in warning and "15.0 points" in warning
+    assert "first 1000 test images" in warning and "PGD-20" in warning
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e5])
+def test_final_autoattack_sees_through_masked_gradients(scale):
+    """A linear classifier on 4 pixels, label = the brightest pixel by a margin
+    of 0.2, eps 0.11: every example is breakable (2 eps > 0.2). At logit scale 1
+    PGD and autoattack_lite break them all. At scale 1e5 the softmax is exactly
+    one-hot, the cross-entropy's input gradient is exactly 0, so PGD (and
+    APGD-CE) cannot move; APGD-T's DLR loss is scale-free and still breaks every
+    example, and the final check warns."""
+    import tensorflow as tf
+
+    from tf_backsmooth import train_lib
+
+    n = 64
+    y = np.arange(n) % 4
+    x = np.full((n, 4), 0.4, np.float32)
+    x[np.arange(n), y] = 0.6
+
+    def model(images):
+        return scale * tf.reshape(images, [-1, 4])
+
+    record, warning = train_lib.final_autoattack(model, x, y, 0.11, examples=1000,
+                                                 pgd_steps=20, seed=0)
+    assert record["test_examples"] == n and record["clean_accuracy"] == 1.0
+    assert record["autoattack_lite_accuracy"] == 0.0 and record["robust_accuracy"] == 0.0
+    if scale == 1.0:
+        assert record["pgd_accuracy"] == 0.0 and warning is None
+    else:
+        # A random start alone flips an example only near a corner of the box.
+        assert record["pgd_accuracy"] > 0.9 and record["apgd_ce_accuracy"] > 0.9
+        assert "overestimates" in warning and "first 64 test images" in warning
+
+
+def test_config_json_omits_the_final_autoattack_when_off():
+    """Runs started before --test_autoattack_examples existed have no such key in
+    config.json, so they resume; a run that sets it records it."""
+    from tf_backsmooth import train_lib
+
+    assert "test_autoattack_examples" not in train_lib._config_payload(_parse())
+    assert train_lib._config_payload(_parse("--test_autoattack_examples=1000"))[
+        "test_autoattack_examples"] == 1000
 
 
 def test_wong_flagfile_is_their_recipe_flag_for_flag():

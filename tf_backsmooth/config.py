@@ -262,6 +262,7 @@ class TrainConfig:
     eval_pgd_steps: int = 10
     test_examples: int | None = None
     test_pgd_steps: int = 20
+    test_autoattack_examples: int = 0
     strategy: str = "default"
     num_cpu_devices: int = 0
     dtype_policy: str = "float32"
@@ -341,6 +342,7 @@ class TrainConfig:
         check_int("eval_pgd_steps", self.eval_pgd_steps, low=1)
         check_int("test_examples", self.test_examples, low=1, allow_none=True)
         check_int("test_pgd_steps", self.test_pgd_steps, low=1)
+        check_int("test_autoattack_examples", self.test_autoattack_examples, low=0)
         check_int("num_cpu_devices", self.num_cpu_devices, low=0, high=64)
         check_int("verbose", self.verbose, low=0, high=2)
         if not self.model_dir:

@@ -131,6 +131,11 @@ def define_flags(flag_values=flags.FLAGS):
                          "Test examples for the final report (default: all).")
     _define(fv, flags.DEFINE_integer, "test_pgd_steps", d.test_pgd_steps,
                          "PGD steps of the final test evaluation.")
+    _define(fv, flags.DEFINE_integer, "test_autoattack_examples", d.test_autoattack_examples,
+            "After the final PGD evaluation, attack the first N test images with "
+            "autoattack_lite (APGD-CE, then APGD-T) as well, and warn when PGD on the "
+            "same images is more than 10 points more accurate (gradient masking: PGD "
+            "overestimates robustness). 0: off.")
     _define(fv, flags.DEFINE_enum, "strategy", d.strategy, config_lib.STRATEGIES,
                       "Distribution strategy.")
     _define(fv, flags.DEFINE_integer, "num_cpu_devices", d.num_cpu_devices,
