@@ -472,9 +472,10 @@ def test_overestimate_warning():
     from tf_backsmooth import train_lib
 
     assert train_lib.overestimate_warning(0.85, 0.79, 1000, 20) is None  # a healthy BS run
-    assert train_lib.overestimate_warning(0.5, 0.4, 1000, 20) is None  # exactly at the gap
-    warning = train_lib.overestimate_warning(0.512, 0.362, 1000, 20)  # N-FGSM, seed 0
-    assert "51.2 %" in warning and "36.2 %" in warning and "15.0 points" in warning
+    assert train_lib.overestimate_warning(0.5, 0.4, 1000, 20) is None  # 10 points: not more
+    # N-FGSM with the BS flagfile, seed 1: PGD-20 and autoattack_lite on the same 1000 images.
+    warning = train_lib.overestimate_warning(0.456, 0.345, 1000, 20)
+    assert "45.6 %" in warning and "34.5 %" in warning and "11.1 points" in warning
     assert "first 1000 test images" in warning and "PGD-20" in warning
 
 
@@ -535,6 +536,7 @@ def test_wong_flagfile_is_their_recipe_flag_for_flag():
     assert (c.failure_restarts, c.failure_data, c.failure_from_epoch, c.failure_gap) == (
         2, "train", 10, 0.2)
     assert (c.failure_examples, c.failure_pgd_steps, c.test_pgd_steps) == (1000, 20, 20)
+    assert c.test_autoattack_examples == 1000  # not theirs: the final autoattack_lite check
 
 
 def test_bs_flagfile_schedule_is_the_recipe_its_header_states():
