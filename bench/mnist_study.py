@@ -10,7 +10,9 @@ run, so failures are counted, not averaged away. Variants of the ``recipes``
 group are evaluated as the reproduction grid does (PGD-20 on the 10 000 test
 images, from the run's own final evaluation; PGD-100x2 and autoattack_lite on
 the first ``--strong_examples``); the ``wong`` group with Wong et al.'s attack
-(PGD-50, step 0.01, 10 restarts, first 1000 test images). Finished runs and
+(PGD-50, step 0.01, 10 restarts, first 1000 test images) and, since session 16,
+PGD-20 and autoattack_lite on the same 1000 (``eval_aa20.json``; shown where
+measured). Finished runs and
 evaluations are skipped, so it resumes after a stop.
 
 The tables are rebuilt (``--report_only``: without training) from the run
@@ -146,6 +148,9 @@ VARIANTS = {
                   "Keras init)"),
 }
 EVALS = {"recipes": ("strong",), "wong": ("wong",)}
+# Run by training runs since session 16 and read where present, but not required of a
+# run directory: PGD-20 and autoattack_lite on the same first 1000 test images.
+EXTRA_EVALS = {"wong": ("aa20",)}
 REPORT_ONLY = {"wong_initbug", "wong_s4code"}  # rows kept from code that no longer exists
 STORE = "bench/results_mnist_study.json"  # per-run numbers, committed (runs/ is not)
 STORE_ABOUT = (
@@ -191,7 +196,7 @@ def main():
             for seed in _seeds(v, args.seeds):
                 reproduce.run_one("mnist", None, seed, runs, args.strong_examples,
                                   extra_flags=extra, name=f"mnist_{v}", flagfile=flagfile,
-                                  evals=EVALS[group],
+                                  evals=EVALS[group] + EXTRA_EVALS.get(group, ()),
                                   autoattack=args.autoattack_examples if group == "recipes" else 0)
                 print(f"[{time.time() - start:.0f} s] done {v} seed {seed}", flush=True)
     write_report(args, runs)
@@ -264,8 +269,8 @@ def write_report(args, runs):
              _recipe_row, _recipe_summary),
             ("wong", "Wong et al.'s FGSM-RS recipe and one-change ablations "
              "(`experiments/mnist_fgsm_rs_wong.flags`)",
-             "| variant | seed | clean % (1000) | PGD-50x10 % (1000) | PGD-20 % (10 000) | "
-             "train-attack acc % | train s |",
+             "| variant | seed | clean % (1000) | PGD-50x10 % (1000) | AA-lite % (1000) | "
+             "PGD-20 % (same 1000) | PGD-20 % (10 000) | train-attack acc % | train s |",
              _wong_row, _wong_summary)):
         names = [v for v in VARIANTS if VARIANTS[v][0] == group]
         rows = {v: collect(v, args, runs, store, from_dirs) for v in names}
@@ -340,18 +345,23 @@ def _recipe_summary(names, rows):
 
 def _wong_row(v, seed, r):
     adv = _last(r["train_attack_curve"])
-    return (f"| {v} | {seed} | {pct(r['wong_clean'])} | {pct(r['wong'])} | {pct(r['pgd20'])} | "
+    return (f"| {v} | {seed} | {pct(r['wong_clean'])} | {pct(r['wong'])} | "
+            f"{pct(r.get('aa_lite_1000'))} | {pct(r.get('pgd20_1000'))} | {pct(r['pgd20'])} | "
             f"{pct(adv[-1] if adv else None)} | {r['train_s']:.0f} |")
 
 
 def _wong_summary(names, rows):
-    out = ["| variant | runs | PGD-50x10 %, mean ± sd | min % | seeds below 75 % | clean % | train s |",
-           "|---|---|---|---|---|---|---|"]
+    out = ["| variant | runs | PGD-50x10 %, mean ± sd | min % | seeds below 75 % | "
+           "AA-lite % (runs measured) | clean % | train s |",
+           "|---|---|---|---|---|---|---|---|"]
     for v in names:
         rs = [r for _, r in rows[v]]
         w = [r["wong"] for r in rs]
+        aa = [r.get("aa_lite_1000") for r in rs if r.get("aa_lite_1000") is not None]
         out.append(f"| {v} | {len(rs)} | {reproduce.fmt(w)} | {pct(min(w))} | "
-                   f"{sum(x < WONG_FAIL for x in w)} | {reproduce.fmt([r['wong_clean'] for r in rs])} | "
+                   f"{sum(x < WONG_FAIL for x in w)} | "
+                   f"{reproduce.fmt(aa) + f' ({len(aa)})' if aa else '-'} | "
+                   f"{reproduce.fmt([r['wong_clean'] for r in rs])} | "
                    f"{statistics.mean(r['train_s'] for r in rs):.0f} |")
     return out
 

@@ -53,7 +53,8 @@ def run_one(ds, method, seed, runs, strong, extra_flags=(), name=None, flagfile=
     ``evals``: ``pgd20`` (all test images; without it the training run's own
     final PGD-20 on all test images is read), ``strong`` (PGD-100x2 and
     autoattack_lite on the first ``strong``) and ``wong`` (Wong et al.'s
-    PGD-50 x 10, step 0.01, first 1000 test images); ``autoattack`` > 0 adds
+    PGD-50 x 10, step 0.01, first 1000 test images), ``aa20`` (PGD-20 and
+    autoattack_lite on the first 1000 test images); ``autoattack`` > 0 adds
     the full AutoAttack (standard version) on the first ``autoattack`` test
     images."""
     flagfile = REPO / (flagfile or f"experiments/grid/{ds}_{method}.flags")
@@ -69,6 +70,9 @@ def run_one(ds, method, seed, runs, strong, extra_flags=(), name=None, flagfile=
         sh(common + WONG_EVAL + [f"--output={run_dir / 'eval_wong.json'}"], log)
     if "pgd20" in evals and not (run_dir / "eval_pgd20.json").exists():
         sh(common + ["--attacks=pgd", "--pgd_steps=20", f"--output={run_dir / 'eval_pgd20.json'}"], log)
+    if "aa20" in evals and not (run_dir / "eval_aa20.json").exists():
+        sh(common + ["--attacks=pgd,autoattack_lite", "--pgd_steps=20", "--num_examples=1000",
+                     f"--output={run_dir / 'eval_aa20.json'}"], log)
     if "strong" in evals and not (run_dir / "eval_strong.json").exists():
         sh(common + ["--attacks=pgd,autoattack_lite", "--pgd_steps=100", "--restarts=2",
                      f"--num_examples={strong}", f"--output={run_dir / 'eval_strong.json'}"], log)
@@ -93,8 +97,10 @@ def _json(path):
 
 
 def read_run(d, ds, evals=("pgd20", "strong")):
-    """One finished, evaluated run directory as a table row (None if unfinished)."""
-    wanted = {"pgd20": "eval_pgd20.json", "strong": "eval_strong.json", "wong": "eval_wong.json"}
+    """One finished, evaluated run directory as a table row (None if unfinished or if
+    one of ``evals`` is missing; ``eval_aa20.json`` is read where it exists)."""
+    wanted = {"pgd20": "eval_pgd20.json", "strong": "eval_strong.json", "wong": "eval_wong.json",
+              "aa20": "eval_aa20.json"}
     if not (d / "results.json").exists() or not all((d / wanted[e]).exists() for e in evals):
         return None
     res = _json(d / "results.json")
@@ -106,6 +112,8 @@ def read_run(d, ds, evals=("pgd20", "strong")):
             next(iter(strong["attacks"].values()))
     wong = _json(d / "eval_wong.json")
     aa = _json(d / "eval_autoattack.json")
+    aa20 = _json(d / "eval_aa20.json")
+    aa20 = next(iter(aa20["attacks"].values())) if aa20 else {}
     curve = [json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines()]
     return {
         "clean": pgd20["clean_accuracy"], "pgd20": pgd20["robust_accuracy"],
@@ -119,7 +127,9 @@ def read_run(d, ds, evals=("pgd20", "strong")):
         "wong": wong["robust_accuracy"] if wong else None,
         "wong_clean": wong["clean_accuracy"] if wong else None,
         "aa": aa["robust_accuracy"] if aa else None,
-        "aa_n": aa["num_examples"] if aa else None}
+        "aa_n": aa["num_examples"] if aa else None,
+        # PGD-20 and autoattack_lite on the same first 1000 test images (``aa20``)
+        "pgd20_1000": aa20.get("pgd"), "aa_lite_1000": aa20.get("autoattack_lite")}
 
 
 def fmt(values, pct=True):
