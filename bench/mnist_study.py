@@ -11,7 +11,8 @@ group are evaluated as the reproduction grid does (PGD-20 on the 10 000 test
 images, from the run's own final evaluation; PGD-100x2 and autoattack_lite on
 the first ``--strong_examples``); the ``wong`` group with Wong et al.'s attack
 (PGD-50, step 0.01, 10 restarts, first 1000 test images) and, since session 16,
-PGD-20 and autoattack_lite on the same 1000 (``eval_aa20.json``; shown where
+PGD-20 and autoattack_lite on the same 1000 (``eval_aa20.json``, or the run's own
+final check where its flagfile sets ``--test_autoattack_examples=1000``; shown where
 measured). Finished runs and
 evaluations are skipped, so it resumes after a stop.
 

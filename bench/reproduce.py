@@ -54,7 +54,8 @@ def run_one(ds, method, seed, runs, strong, extra_flags=(), name=None, flagfile=
     final PGD-20 on all test images is read), ``strong`` (PGD-100x2 and
     autoattack_lite on the first ``strong``) and ``wong`` (Wong et al.'s
     PGD-50 x 10, step 0.01, first 1000 test images), ``aa20`` (PGD-20 and
-    autoattack_lite on the first 1000 test images); ``autoattack`` > 0 adds
+    autoattack_lite on the first 1000 test images; not run when the training run's
+    own final check measured them); ``autoattack`` > 0 adds
     the full AutoAttack (standard version) on the first ``autoattack`` test
     images."""
     flagfile = REPO / (flagfile or f"experiments/grid/{ds}_{method}.flags")
@@ -70,7 +71,8 @@ def run_one(ds, method, seed, runs, strong, extra_flags=(), name=None, flagfile=
         sh(common + WONG_EVAL + [f"--output={run_dir / 'eval_wong.json'}"], log)
     if "pgd20" in evals and not (run_dir / "eval_pgd20.json").exists():
         sh(common + ["--attacks=pgd", "--pgd_steps=20", f"--output={run_dir / 'eval_pgd20.json'}"], log)
-    if "aa20" in evals and not (run_dir / "eval_aa20.json").exists():
+    if ("aa20" in evals and not (run_dir / "eval_aa20.json").exists()
+            and _final_aa20(_json(run_dir / "results.json")) is None):
         sh(common + ["--attacks=pgd,autoattack_lite", "--pgd_steps=20", "--num_examples=1000",
                      f"--output={run_dir / 'eval_aa20.json'}"], log)
     if "strong" in evals and not (run_dir / "eval_strong.json").exists():
@@ -96,6 +98,17 @@ def _json(path):
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def _final_aa20(results):
+    """``{"pgd", "autoattack_lite"}`` from a run's own final check (``bin/train
+    --test_autoattack_examples=1000 --test_pgd_steps=20``, the run's seed) when it
+    measured what ``aa20`` measures, else None; then ``aa20`` is not run again."""
+    block = (results or {}).get("autoattack_lite")
+    if not block or block["test_examples"] != 1000 or not results["robust_attack"].startswith(
+            "PGD-20 "):
+        return None
+    return {"pgd": block["pgd_accuracy"], "autoattack_lite": block["autoattack_lite_accuracy"]}
+
+
 def read_run(d, ds, evals=("pgd20", "strong")):
     """One finished, evaluated run directory as a table row (None if unfinished or if
     one of ``evals`` is missing; ``eval_aa20.json`` is read where it exists)."""
@@ -113,7 +126,7 @@ def read_run(d, ds, evals=("pgd20", "strong")):
     wong = _json(d / "eval_wong.json")
     aa = _json(d / "eval_autoattack.json")
     aa20 = _json(d / "eval_aa20.json")
-    aa20 = next(iter(aa20["attacks"].values())) if aa20 else {}
+    aa20 = next(iter(aa20["attacks"].values())) if aa20 else (_final_aa20(res) or {})
     curve = [json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines()]
     return {
         "clean": pgd20["clean_accuracy"], "pgd20": pgd20["robust_accuracy"],

@@ -177,7 +177,8 @@ def test_final_autoattack_measures_the_exported_model_on_the_first_test_images(f
                                                                                 mnist_dir):
     """results.json's autoattack_lite block is PGD-5 and autoattack_lite of the
     exported model on the first 64 test images with the run's seed: the same
-    numbers as evaluate() on model.keras."""
+    numbers as evaluate() on model.keras and those 64 images alone (its PGD
+    verdicts come from the final evaluation of all 300 test images)."""
     from tf_backsmooth import data, evaluation
 
     run_dir, _ = finished_run
@@ -499,8 +500,12 @@ def test_final_autoattack_sees_through_masked_gradients(scale):
     def model(images):
         return scale * tf.reshape(images, [-1, 4])
 
-    record, warning = train_lib.final_autoattack(model, x, y, 0.11, examples=1000,
-                                                 pgd_steps=20, seed=0)
+    from tf_backsmooth import evaluation
+
+    pgd = evaluation.evaluate(model, x, y, [0.11], attacks=("pgd",), pgd_steps=20, seed=0,
+                              per_example=True)
+    record, warning = train_lib.final_autoattack(model, x, y, 0.11, train_lib.pgd_verdicts(pgd),
+                                                 examples=1000, pgd_steps=20, seed=0)
     assert record["test_examples"] == n and record["clean_accuracy"] == 1.0
     assert record["autoattack_lite_accuracy"] == 0.0 and record["robust_accuracy"] == 0.0
     if scale == 1.0:

@@ -505,31 +505,42 @@ def overestimate_warning(pgd_accuracy, autoattack_accuracy, examples, pgd_steps)
             "--attacks=autoattack")
 
 
-def final_autoattack(model, x, y, epsilon, *, examples, pgd_steps, seed,
+def pgd_verdicts(report):
+    """The per-example PGD verdicts (True = robust) of a one-epsilon
+    ``evaluation.evaluate(..., per_example=True)`` report."""
+    return next(v for k, v in report["per_example"].items() if k != "clean")["pgd"]
+
+
+def final_autoattack(model, x, y, epsilon, pgd_robust, *, examples, pgd_steps, seed,
                      progress=False):
-    """PGD-``pgd_steps`` and autoattack_lite (APGD-CE, then APGD-T on what it
-    left) on the first ``examples`` of ``(x, y)``, with the final evaluation's
-    seed. Returns ``(record, warning or None)``; the record goes into
-    results.json as ``autoattack_lite``."""
+    """autoattack_lite (APGD-CE, then APGD-T on what it left) on the first
+    ``examples`` of ``(x, y)``, with the final evaluation's seed, against the
+    final PGD-``pgd_steps`` evaluation's own verdicts on them (``pgd_robust``,
+    per example, in the order of ``x``: random starts are keyed on the
+    example's index, so the first N verdicts of the whole test set are the
+    first N images'; PGD is not run again). Returns ``(record, warning or
+    None)``; the record goes into results.json as ``autoattack_lite``."""
     from tf_backsmooth import evaluation
     n = min(int(examples), len(y))
-    log.info("final test evaluation: PGD-%d and autoattack_lite on the first %d "
-             "test images", pgd_steps, n)
-    report = evaluation.evaluate(model, x[:n], y[:n], [epsilon],
-                                 attacks=("pgd", "autoattack_lite"),
-                                 pgd_steps=pgd_steps, seed=seed, progress=progress)
+    log.info("final test evaluation: autoattack_lite on the first %d test images", n)
+    report = evaluation.evaluate(model, x[:n], y[:n], [epsilon], attacks=("autoattack_lite",),
+                                 seed=seed, progress=progress, per_example=True)
     acc = next(iter(report["attacks"].values()))
+    lite = np.asarray(next(v for k, v in report["per_example"].items()
+                           if k != "clean")["autoattack_lite"], bool)
+    pgd = np.asarray(pgd_robust[:n], bool)
     record = {
         "test_examples": n,
         "clean_accuracy": float(report["clean_accuracy"]),
-        "pgd_accuracy": float(acc["pgd"]),
+        "pgd_accuracy": float(pgd.mean()),
         "apgd_ce_accuracy": float(acc["apgd_ce"]),
-        "autoattack_lite_accuracy": float(acc["autoattack_lite"]),
-        "robust_accuracy": float(report["robust_accuracy"]),
+        "autoattack_lite_accuracy": float(lite.mean()),
+        "robust_accuracy": float((pgd & lite).mean()),
         "attack": (f"autoattack_lite: APGD-CE, then APGD-T ({report['settings']['apgd_targets']} "
                    f"targets) on what it left, {report['settings']['apgd_steps']} "
-                   "iterations each; robust_accuracy: worst case of it and "
-                   f"PGD-{pgd_steps}"),
+                   "iterations each; pgd_accuracy: the final PGD-"
+                   f"{pgd_steps} evaluation on the same images; robust_accuracy: worst case "
+                   "of both"),
         "seconds": float(report["seconds"]),
         "evaluation_warnings": report.get("warnings", []),
     }
@@ -911,7 +922,8 @@ def _run(config, strategy, is_chief, flags_text):
                                  [config.epsilon], attacks=("pgd",),
                                  pgd_steps=config.test_pgd_steps,
                                  seed=config.seed,
-                                 progress=is_chief and config.verbose > 0)
+                                 progress=is_chief and config.verbose > 0,
+                                 per_example=bool(config.test_autoattack_examples))
     results = {
         "clean_accuracy": float(report["clean_accuracy"]),
         "robust_accuracy": float(report["robust_accuracy"]),
@@ -942,7 +954,7 @@ def _run(config, strategy, is_chief, flags_text):
             log.warning("NOT ROBUST: %s", gap_warning)
     if config.test_autoattack_examples:
         strong, strong_warning = final_autoattack(
-            classifier, x_test, test[1], config.epsilon,
+            classifier, x_test, test[1], config.epsilon, pgd_verdicts(report),
             examples=config.test_autoattack_examples, pgd_steps=config.test_pgd_steps,
             seed=config.seed, progress=is_chief and config.verbose > 0)
         results["autoattack_lite"] = strong
