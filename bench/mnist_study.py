@@ -42,7 +42,9 @@ PGD = "experiments/mnist_pgd_at.flags"
 WONG = "experiments/mnist_fgsm_rs_wong.flags"
 # Since session 13 the Wong flagfile restarts a failed run (--failure_restarts=2
 # --failure_data=train --failure_from_epoch=10); every variant measured before pins it off.
-NO_RESTART = ["--failure_restarts=0"]
+NO_RESTART = ["--failure_restarts=0", "--failure_overestimate_gap=1"]
+# The Wong flagfile before session 17: its restart check without autoattack_lite.
+NO_MASKING = ["--failure_overestimate_gap=1"]
 SIX, THREE = "0,1,2,3,4,5", "0,1,2"
 VAL = ["--validation_size=1000", "--eval_every=1"]  # another data order, best-epoch selection
 # The BS flagfile's settings before session 10 (piecewise lr at 50 %/75 %, the end of the
@@ -110,12 +112,18 @@ VARIANTS = {
                       "... with the catastrophic-overfitting guard at its defaults (PGD-10 vs FGSM "
                       "on 128 training images every 200 steps; on a collapse, roll back and halve "
                       "the FGSM step: still FGSM-RS, docs/CO_GUARD.md)"),
-    "wong_restart": ("wong", WONG, [], SIX,
-                     "the flagfile since session 14: their recipe with an automatic restart (new seed, from scratch, up to 2 times) when "
+    "wong_masking_check": ("wong", WONG, [], SIX,
+                           "the flagfile since session 17: wong_restart's check also runs "
+                           "autoattack_lite on its 1000 training images and restarts a run "
+                           "whose PGD-20 accuracy there is more than 10 points above it "
+                           "(--failure_overestimate_gap=0.1: gradient masking), and compares "
+                           "attempts by the worst case of both"),
+    "wong_restart": ("wong", WONG, NO_MASKING, SIX,
+                     "the flagfile of sessions 14-16: their recipe with an automatic restart (new seed, from scratch, up to 2 times) when "
                      "the finished run is more than 20 points more accurate on its own FGSM "
                      "training attack than under PGD-20 on 1000 training images (no validation "
                      "split, so the data order is the recipe's)"),
-    "wong_restart_pgd10": ("wong", WONG, ["--failure_pgd_steps=0"], SIX,
+    "wong_restart_pgd10": ("wong", WONG, NO_MASKING + ["--failure_pgd_steps=0"], SIX,
                            "the flagfile of session 13: the same restart, but the check "
                            "measured PGD-10 (--eval_pgd_steps) on the training images; "
                            "session 14's seed 11 showed it misses a partial collapse that "

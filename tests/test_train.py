@@ -542,6 +542,15 @@ def test_wong_flagfile_is_their_recipe_flag_for_flag():
         2, "train", 10, 0.2)
     assert (c.failure_examples, c.failure_pgd_steps, c.test_pgd_steps) == (1000, 20, 20)
     assert c.test_autoattack_examples == 1000  # not theirs: the final autoattack_lite check
+    # Not theirs (session 17): the check also restarts a run whose PGD-20 accuracy on its
+    # training images is more than 10 points above autoattack_lite's (gradient masking).
+    assert c.failure_overestimate_gap == 0.1
+    theirs = _parse(f"--flagfile={REPO / 'experiments' / 'mnist_fgsm_rs_wong.flags'}",
+                    "--failure_restarts=0", "--failure_overestimate_gap=1")
+    assert theirs.failure_restarts == 0
+    with pytest.raises(config_lib.ConfigError, match="add --failure_overestimate_gap=1"):
+        _parse(f"--flagfile={REPO / 'experiments' / 'mnist_fgsm_rs_wong.flags'}",
+               "--failure_restarts=0")
 
 
 def test_bs_flagfile_schedule_is_the_recipe_its_header_states():
@@ -710,6 +719,88 @@ def test_failure_detector_on_training_images_measures_pgd_itself():
     assert run(0.75, epoch=8, from_epoch=0)[1]  # from the first full-eps epoch
 
 
+@pytest.mark.parametrize("scale", [1.0, 1e5])
+def test_failure_detector_fails_a_run_whose_pgd_overestimates_autoattack_lite(scale):
+    """--failure_overestimate_gap: the masked linear model of
+    test_final_autoattack_sees_through_masked_gradients (4 pixels, eps 0.11,
+    every example breakable) as the trained classifier. At logit scale 1e5
+    the cross-entropy gradient is exactly 0, so PGD leaves > 90 % robust while
+    autoattack_lite breaks all: with a training-attack accuracy of 0.5 the
+    accuracy gap cannot fire, but the overestimate does. At scale 1 both
+    attacks break everything, so only the accuracy gap fires (0.5 > 0.2).
+    Without the option the masked model passes and nothing is logged; the
+    score attempts are compared by becomes the worst case of both attacks."""
+    import keras
+
+    from tf_backsmooth import callbacks as cb
+    from tf_backsmooth import train_lib
+    from tf_backsmooth.robust_model import RobustModel
+
+    n = 64
+    y = np.arange(n) % 4
+    x = np.full((n, 4), 0.4, np.float32)
+    x[np.arange(n), y] = 0.6
+
+    def judged(overestimate_gap):
+        dense = keras.layers.Dense(4)
+        model = RobustModel(keras.Sequential([keras.Input((4,)), dense]), epsilon=0.11)
+        model.compile(optimizer="sgd")
+        model.optimizer.build(model.trainable_variables)
+        dense.set_weights([scale * np.eye(4, dtype=np.float32), np.zeros(4, np.float32)])
+        detector = cb.FailureDetector(0.11, 0.2, x=x, y=y, pgd_steps=20, seed=0,
+                                      overestimate_gap=overestimate_gap)
+        detector.set_model(model)
+        model.stop_training = False
+        logs = {"adv_accuracy": 0.5}
+        detector.on_epoch_begin(0)
+        detector.on_epoch_end(0, logs)
+        return detector, logs
+
+    detector, logs = judged(0.1)
+    assert logs["failure_autoattack_accuracy"] == 0.0 and detector.robust_accuracy() == 0.0
+    failed = detector.failed
+    assert failed is not None and detector.model.stop_training
+    assert failed["train_autoattack_accuracy"] == 0.0
+    assert failed["overestimated"] == (scale > 1)
+    text = train_lib.describe_failure(failed)
+    assert "0.0 % under autoattack_lite on the same images" in text
+    assert ("gradient masking" in text) == (scale > 1)
+    plain, logs = judged(None)
+    assert "failure_autoattack_accuracy" not in logs
+    if scale > 1:
+        assert logs["failure_robust_accuracy"] > 0.9 and plain.failed is None
+        assert plain.robust_accuracy() > 0.9
+        assert "autoattack_lite" not in train_lib.describe_failure(
+            {"adv_accuracy": 0.95, "train_robust_accuracy": 0.056})
+    else:
+        assert plain.failed == {"epoch": 1, "adv_accuracy": 0.5, "train_robust_accuracy": 0.0,
+                                "end_of_warmup": False}
+    with pytest.raises(ValueError, match="overestimate_gap"):
+        cb.FailureDetector(0.11, 0.2, overestimate_gap=0.1)  # no images of its own
+
+
+def test_failure_overestimate_gap_flag():
+    """Off (1) by default and then absent from config.json (older runs
+    resume); below 1 it needs restarts on the check's own training images."""
+    from tf_backsmooth import train_lib
+
+    base = ("--failure_restarts=2", "--failure_data=train", "--validation_size=0",
+            "--eval_every=0")
+    assert _parse().failure_overestimate_gap == 1.0
+    assert "failure_overestimate_gap" not in train_lib._config_payload(_parse(*base))
+    c = _parse(*base, "--failure_overestimate_gap=0.1")
+    assert train_lib._config_payload(c)["failure_overestimate_gap"] == 0.1
+    train = (np.zeros((50, 4, 4, 1), np.uint8), np.arange(50) % 10)
+    assert train_lib.make_failure_detector(c, train).overestimate_gap == 0.1
+    assert train_lib.make_failure_detector(_parse(*base), train).overestimate_gap is None
+    with pytest.raises(config_lib.ConfigError, match="failure_overestimate_gap.*failure_data=train"):
+        _parse("--failure_restarts=2", "--failure_overestimate_gap=0.1")
+    with pytest.raises(config_lib.ConfigError, match="failure_overestimate_gap"):
+        _parse("--failure_overestimate_gap=0.1")  # no restarts
+    with pytest.raises(config_lib.ConfigError, match="failure_overestimate_gap"):
+        _parse(*base, "--failure_overestimate_gap=1.5")
+
+
 def test_failure_detector_records_the_last_attempts_failure_for_a_resume(tmp_path):
     """On the last attempt allowed (stop_on_failure False) a failure is
     written to record_path (chief only) and read back by a fresh detector at
@@ -789,7 +880,8 @@ def test_failure_keep_flag():
 @pytest.mark.parametrize("keep,scores,kept,data", [("best", (0.5, 0.2), 1, "train"),
                                                    ("best", (0.2, 0.2), 2, "train"),
                                                    ("last", None, 2, "train"),
-                                                   ("best", (0.5, 0.2), 1, "validation")])
+                                                   ("best", (0.5, 0.2), 1, "validation"),
+                                                   ("best", (0.2, 0.5), 2, "masked")])
 def test_when_every_attempt_fails_the_least_bad_one_is_exported(
         tmp_path, mnist_dir, monkeypatch, keep, scores, kept, data):
     """Both attempts fail (the check's PGD accuracy is forced to -1 and the
@@ -801,14 +893,20 @@ def test_when_every_attempt_fails_the_least_bad_one_is_exported(
     same choice (the last attempt's failure is read back from failure.json).
     ``validation``: 2 epochs judged at epoch 2 only, validation accuracy
     scripted to peak at epoch 1, so attempt 1's candidate is its best epoch
-    (best.weights.h5, epoch 1), not its newest checkpoint (epoch 2)."""
+    (best.weights.h5, epoch 1), not its newest checkpoint (epoch 2).
+    ``masked``: on training images with --failure_overestimate_gap=0.1 and a
+    failure_gap no accuracy gap can exceed: the attempts fail only because
+    PGD (0.5) overestimates autoattack_lite (0.0) on the check's images, and
+    the check named is the worst case of both."""
     import keras
 
     from tf_backsmooth import callbacks as cb
     from tf_backsmooth import evaluation, train_lib
 
     # Below any training-attack accuracy (2 steps can leave that at 0).
-    monkeypatch.setattr(cb.FailureDetector, "robust_accuracy", lambda self, model=None: -1.0)
+    measured = ({"pgd": 0.5, "autoattack_lite": 0.0, "robust": 0.0} if data == "masked"
+                else {"pgd": -1.0, "robust": -1.0})
+    monkeypatch.setattr(cb.FailureDetector, "measure", lambda self, model=None: measured)
 
     def scripted_validation(self, epoch, logs=None):
         logs.update(val_clean_accuracy=1.0, val_robust_accuracy=0.9 if epoch == 0 else -1.0)
@@ -817,21 +915,24 @@ def test_when_every_attempt_fails_the_least_bad_one_is_exported(
     seen = []
 
     def fake_score(config, detector, val, model):
-        assert (detector.x is not None) == (data == "train")
+        assert (detector.x is not None) == (data != "validation")
         seen.append([w.copy() for w in model.get_weights()])
         return scores[(len(seen) - 1) % len(scores)]
 
     monkeypatch.setattr(train_lib, "check_score", fake_score)
     how = (dict(validation_size=0, eval_every=0, failure_examples=50, epochs=1)
            if data == "train" else
+           dict(validation_size=0, eval_every=0, failure_examples=50, epochs=1,
+                failure_data="train", failure_overestimate_gap=0.1, failure_gap=1.0)
+           if data == "masked" else
            dict(validation_size=64, eval_every=1, eval_examples=64, epochs=2,
                 failure_from_epoch=2))
     config = config_lib.TrainConfig(
         dataset="mnist", data_dir=str(mnist_dir), model="mlp", method="fgsm_rs",
         epsilon=0.1, batch_size=64, num_train_examples=128, test_examples=64,
         test_pgd_steps=2, verbose=0, tensorboard=False, failure_restarts=1,
-        failure_gap=0.0, failure_data=data, failure_keep=keep, seed=5,
-        model_dir=str(tmp_path), **how)
+        failure_keep=keep, seed=5, model_dir=str(tmp_path),
+        **{"failure_gap": 0.0, "failure_data": data, **how})
     real_evaluate = evaluation.evaluate
     kills = []
 
@@ -858,7 +959,11 @@ def test_when_every_attempt_fails_the_least_bad_one_is_exported(
     assert any(not np.array_equal(a, b) for a, b in zip(seen[0], seen[1]))
     for w, ref in zip(exported, seen[len(seen) - 2 + kept - 1]):
         np.testing.assert_array_equal(w, ref)
-    check = "PGD-10 on 50 training images" if data == "train" else "PGD-10 on the validation split"
+    check = {"train": "PGD-10 on 50 training images",
+             "masked": "PGD-10 and autoattack_lite (worst case) on 50 training images",
+             "validation": "PGD-10 on the validation split"}[data]
+    assert results["failed_attempts"][0].get("overestimated") == (
+        True if data == "masked" else None)
     assert results["least_bad"] == {"kept_attempt": kept, "check": check,
                                     "robust_accuracy": list(scores)}
     assert results["seed"] == (5 if kept == 1 else train_lib.attempt_seed(5, 1))

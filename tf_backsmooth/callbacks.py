@@ -156,6 +156,14 @@ class FailureDetector(keras.callbacks.Callback):
     healthy runs can dip below PGD and recover mid-training (docs/MNIST_STUDY.md
     section 13: Wong et al.'s FGSM-RS).
 
+    ``overestimate_gap`` (with ``x``, ``y``; default None, or 1: off): each
+    judged epoch also runs autoattack_lite on the check's images, and an
+    attempt whose PGD accuracy there exceeds its autoattack_lite accuracy by
+    more than this fails too (gradient masking that PGD does not see, the
+    final check's OVERESTIMATED signal; docs/MNIST_STUDY.md section 19). It is
+    logged as ``failure_autoattack_accuracy``, and :meth:`robust_accuracy`
+    (what attempts are compared by) becomes the worst case of both attacks.
+
     ``record_path``: on the last attempt allowed (``stop_on_failure`` False)
     a failure is also written there (chief only) and read back at the start
     of training, so a run killed after it and resumed still knows that its
@@ -164,11 +172,15 @@ class FailureDetector(keras.callbacks.Callback):
 
     def __init__(self, epsilon, gap, warmup_gap=None, from_epoch=0, x=None,
                  y=None, pgd_steps=10, seed=0, batch_size=500, record_path=None,
-                 is_chief=True):
+                 is_chief=True, overestimate_gap=None):
         super().__init__()
         self.epsilon, self.gap = float(epsilon), float(gap)
         self.warmup_gap = (None if warmup_gap is None or warmup_gap >= 1
                            else float(warmup_gap))
+        self.overestimate_gap = (None if overestimate_gap is None or overestimate_gap >= 1
+                                 else float(overestimate_gap))
+        if self.overestimate_gap is not None and x is None:
+            raise ValueError("overestimate_gap needs the check's own images (x, y)")
         self.from_epoch = int(from_epoch)
         self.x, self.y = x, y
         self.pgd_steps, self.seed, self.batch_size = pgd_steps, seed, batch_size
@@ -194,16 +206,28 @@ class FailureDetector(keras.callbacks.Callback):
         # ends the warm-up only with ``warmup_gap``.
         self._full_epsilon = not self._warming_up()
 
-    def robust_accuracy(self, model=None):
-        """PGD-``pgd_steps`` accuracy of ``model`` (default: the trained
-        model's classifier) on the check's own images ``x``, ``y``: what a
-        judged epoch measures, and what ``train_lib`` compares attempts by."""
+    def measure(self, model=None):
+        """``model`` (default: the trained model's classifier) on the
+        check's own images ``x``, ``y``: ``{"pgd": PGD-pgd_steps accuracy,
+        "robust": the worst case of the attacks run}``, plus
+        ``"autoattack_lite"`` with ``overestimate_gap``."""
         from tf_backsmooth import evaluation
+        attacks = ("pgd",) if self.overestimate_gap is None else ("pgd", "autoattack_lite")
         report = evaluation.evaluate(
             self.model.base_model if model is None else model, self.x, self.y, [self.epsilon],
-            attacks=("pgd",), batch_size=self.batch_size,
+            attacks=attacks, batch_size=self.batch_size,
             pgd_steps=self.pgd_steps, seed=self.seed)
-        return float(report["robust_accuracy"])
+        acc = next(iter(report["attacks"].values()))
+        out = {"pgd": float(acc["pgd"]), "robust": float(report["robust_accuracy"])}
+        if self.overestimate_gap is not None:
+            out["autoattack_lite"] = float(acc["autoattack_lite"])
+        return out
+
+    def robust_accuracy(self, model=None):
+        """What ``train_lib`` compares attempts by: the worst case of the
+        check's attacks (PGD-``pgd_steps``, and autoattack_lite with
+        ``overestimate_gap``) on its own images."""
+        return self.measure(model)["robust"]
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is None:
@@ -223,11 +247,19 @@ class FailureDetector(keras.callbacks.Callback):
             if robust is None:  # no validation this epoch
                 return
         else:
-            key, robust = "train_robust_accuracy", self.robust_accuracy()
+            measured = self.measure()
+            key, robust = "train_robust_accuracy", measured["pgd"]
             logs["failure_robust_accuracy"] = robust
-        if float(adv) - float(robust) > gap:
+        lite = None
+        if self.x is not None and self.overestimate_gap is not None:
+            lite = measured["autoattack_lite"]
+            logs["failure_autoattack_accuracy"] = lite
+        masked = lite is not None and float(robust) - lite > self.overestimate_gap
+        if float(adv) - float(robust) > gap or masked:
             self.failed = {"epoch": epoch + 1, "adv_accuracy": float(adv),
                            key: float(robust), "end_of_warmup": end_of_warmup}
+            if lite is not None:
+                self.failed.update(train_autoattack_accuracy=lite, overestimated=masked)
             self.model.stop_training = self.stop_on_failure
             if not self.stop_on_failure and self.record_path and self.is_chief:
                 fileio.write_json(self.record_path, self.failed)

@@ -304,6 +304,10 @@ class TrainConfig:
     # many as eval_pgd_steps). Session 14: PGD-10 (step 2.5 eps / 10) missed
     # a partial collapse that PGD-20 and the final NOT ROBUST check saw.
     failure_pgd_steps: int = 0
+    # failure_data="train": also run autoattack_lite on the check's images and
+    # fail an attempt whose PGD accuracy there exceeds it by more than this
+    # (gradient masking that PGD does not see; session 17). 1: off.
+    failure_overestimate_gap: float = 1.0
     # When every attempt fails the check: export the attempt whose weights
     # score best on the check's own attack and images ("best", session 15),
     # or the last attempt as before ("last").
@@ -395,6 +399,16 @@ class TrainConfig:
             raise ConfigError("failure_pgd_steps sets the attack of --failure_data=train; with "
                               "failure_data=validation the check reads the robust validation "
                               "accuracy, whose attack is set by --eval_pgd_steps")
+        check_real("failure_overestimate_gap", self.failure_overestimate_gap, low=0.0,
+                   high=1.0)
+        if self.failure_overestimate_gap < 1.0 and not (
+                self.failure_restarts and self.failure_data == "train"):
+            raise ConfigError(
+                f"failure_overestimate_gap={self.failure_overestimate_gap} compares PGD with "
+                "autoattack_lite on the failure check's own training images: it needs "
+                "failure_restarts > 0 and failure_data=train (to turn the check off, e.g. "
+                "--failure_restarts=0 after a flagfile that sets it, add "
+                "--failure_overestimate_gap=1)")
         if self.failure_from_epoch > self.epochs:
             raise ConfigError(f"failure_from_epoch={self.failure_from_epoch} is after the "
                               f"last epoch (epochs={self.epochs}): no epoch would be judged")

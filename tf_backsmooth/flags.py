@@ -204,6 +204,12 @@ def define_flags(flag_values=flags.FLAGS):
             "--failure_data=train: the PGD steps of the check's attack (step size "
             "2.5*eps/steps, one random start); 0: --eval_pgd_steps. The final NOT ROBUST "
             "check uses --test_pgd_steps (20).")
+    _define(fv, flags.DEFINE_float, "failure_overestimate_gap", d.failure_overestimate_gap,
+            "--failure_data=train: at each judged epoch also run autoattack_lite on the "
+            "check's images and fail the attempt when its PGD accuracy there exceeds "
+            "the autoattack_lite accuracy by more than this (gradient masking that PGD "
+            "misses; the final check's warning uses 0.1); attempts are then compared by "
+            "the worst case of both attacks. 1 (default): off.")
     _define(fv, flags.DEFINE_enum, "failure_keep", d.failure_keep, config_lib.FAILURE_KEEP,
             "When every attempt fails the check (the last one allowed trains to the "
             "end): 'best' exports the attempt whose weights are most accurate under "

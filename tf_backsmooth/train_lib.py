@@ -58,10 +58,11 @@ def _config_payload(config):
     if not payload.get("failure_rollback"):
         payload.pop("failure_rollback", None)
     # Added in session 13: absent at their defaults, so earlier runs resume.
-    # Added in session 14: failure_pgd_steps; session 16: test_autoattack_examples.
+    # Added in session 14: failure_pgd_steps; session 16: test_autoattack_examples;
+    # session 17: failure_overestimate_gap.
     for key, default in (("failure_data", "validation"), ("failure_examples", 1000),
                          ("failure_from_epoch", 0), ("failure_pgd_steps", 0),
-                         ("test_autoattack_examples", 0)):
+                         ("test_autoattack_examples", 0), ("failure_overestimate_gap", 1.0)):
         if payload.get(key) == default:
             payload.pop(key, None)
     return payload
@@ -426,7 +427,7 @@ def make_failure_detector(config, train, is_chief=True):
             len(train[1]), n, replace=False))
         subset = dict(x=_to_float(train[0][pick]), y=train[1][pick],
                       pgd_steps=config.failure_pgd_steps or config.eval_pgd_steps,
-                      seed=config.seed)
+                      seed=config.seed, overestimate_gap=config.failure_overestimate_gap)
     return cb.FailureDetector(config.epsilon, config.failure_gap,
                               config.failure_warmup_gap,
                               from_epoch=config.failure_from_epoch,
@@ -626,10 +627,25 @@ def _rollback_epoch(config, failed_epoch, model_dir):
     return epoch
 
 
+def describe_failure(failed):
+    """Why an attempt failed the check, from its record (``FailureDetector.failed``)."""
+    on = "training-image" if "train_robust_accuracy" in failed else "validation"
+    pgd = failed.get("val_robust_accuracy", failed.get("train_robust_accuracy"))
+    text = (f"{100 * failed['adv_accuracy']:.1f} % accurate on its own training attack, "
+            f"{100 * pgd:.1f} % under {on} PGD")
+    if "train_autoattack_accuracy" in failed:
+        text += (f", {100 * failed['train_autoattack_accuracy']:.1f} % under autoattack_lite "
+                 "on the same images")
+        if failed.get("overestimated"):
+            text += " (PGD overestimates it: gradient masking)"
+    return text
+
+
 def check_score(config, detector, val, model):
     """Robust accuracy of ``model`` under the failure check's own attack and
-    images: PGD-``failure_pgd_steps`` on the detector's training images, or
-    PGD-``eval_pgd_steps`` on the validation split."""
+    images: PGD-``failure_pgd_steps`` on the detector's training images (the
+    worst case of it and autoattack_lite with ``failure_overestimate_gap``),
+    or PGD-``eval_pgd_steps`` on the validation split."""
     from tf_backsmooth import evaluation
 
     if detector.x is not None:
@@ -848,15 +864,10 @@ def _run(config, strategy, is_chief, flags_text):
         attempts.append(dict(detector.failed, seed=config.seed,
                              train_seconds=wasted_seconds,
                              grad_evals=wasted_evals, rollback_epoch=rollback))
-        judged_on = ("training-image" if "train_robust_accuracy" in detector.failed
-                     else "validation")
-        log.warning("FAILED attempt %d (seed %d) at epoch %d: %.1f %% accurate on "
-                    "its own training attack, %.1f %% under " + judged_on + " PGD; "
-                    "restarting with seed %d from %s (%d restart(s) left)",
+        log.warning("FAILED attempt %d (seed %d) at epoch %d: %s; restarting with seed "
+                    "%d from %s (%d restart(s) left)",
                     len(attempts), config.seed, detector.failed["epoch"],
-                    100 * detector.failed["adv_accuracy"],
-                    100 * detector.failed.get("val_robust_accuracy",
-                                              detector.failed.get("train_robust_accuracy")),
+                    describe_failure(detector.failed),
                     attempt_seed(base_config.seed, len(attempts)),
                     f"the checkpoint of epoch {rollback}" if rollback else "scratch",
                     base_config.failure_restarts - len(attempts))
@@ -894,7 +905,9 @@ def _run(config, strategy, is_chief, flags_text):
         log.info("every attempt (%d) failed the check: measuring each one's "
                  "weights under it to keep the least bad", len(attempts) + 1)
         kept, scores, epochs = keep_least_bad(config, model, detector, attempts, val)
-        what = (f"PGD-{detector.pgd_steps} on {len(detector.y)} training images"
+        what = (f"PGD-{detector.pgd_steps}"
+                + (" and autoattack_lite (worst case)" if detector.overestimate_gap else "")
+                + f" on {len(detector.y)} training images"
                 if detector.x is not None else
                 f"PGD-{config.eval_pgd_steps} on the validation split")
         least_bad = {"kept_attempt": kept, "check": what, "robust_accuracy": scores}
