@@ -779,6 +779,47 @@ def test_failure_detector_fails_a_run_whose_pgd_overestimates_autoattack_lite(sc
         cb.FailureDetector(0.11, 0.2, overestimate_gap=0.1)  # no images of its own
 
 
+def test_failure_check_measures_the_same_under_two_replicas():
+    """The check runs as a callback of a MirroredStrategy fit: on a model built
+    in a 2-replica scope, its PGD and autoattack_lite accuracies (and their
+    worst case) equal those of the same weights on one device, inside the
+    scope and outside it. The weights make both attacks break part of the
+    images, so a difference in any draw or reduction would show."""
+    import contextlib
+
+    import keras
+    from conftest import two_replica_strategy
+
+    from tf_backsmooth import callbacks as cb
+    from tf_backsmooth.robust_model import RobustModel
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.2, 0.8, (96, 6)).astype(np.float32)
+    kernel = rng.normal(size=(6, 4)).astype(np.float32) * 4
+    y = np.argmax(x @ kernel, axis=1)
+    y[:12] = (y[:12] + 1) % 4  # a few misclassified images too
+
+    def measured(strategy, inside):
+        scope = strategy.scope() if strategy else contextlib.nullcontext()
+        with scope:
+            dense = keras.layers.Dense(4)
+            model = RobustModel(keras.Sequential([keras.Input((6,)), dense]), epsilon=0.08)
+            model.compile(optimizer="sgd")
+        dense.set_weights([kernel, np.zeros(4, np.float32)])
+        detector = cb.FailureDetector(0.08, 0.2, x=x, y=y, pgd_steps=10, seed=3,
+                                      batch_size=32, overestimate_gap=0.1)
+        detector.set_model(model)
+        with strategy.scope() if inside else contextlib.nullcontext():
+            return detector.measure()
+
+    one = measured(None, False)
+    assert 0.0 < one["autoattack_lite"] < one["pgd"] < 0.875
+    assert one["robust"] == one["autoattack_lite"]
+    strategy = two_replica_strategy()
+    assert measured(strategy, True) == one
+    assert measured(strategy, False) == one
+
+
 def test_failure_overestimate_gap_flag():
     """Off (1) by default and then absent from config.json (older runs
     resume); below 1 it needs restarts on the check's own training images."""
