@@ -185,6 +185,7 @@ class FailureDetector(keras.callbacks.Callback):
         self.x, self.y = x, y
         self.pgd_steps, self.seed, self.batch_size = pgd_steps, seed, batch_size
         self.failed = None
+        self._measured = {}  # digest of the weights -> measure()'s result
         # False on the last attempt allowed: record the failure, keep training.
         self.stop_on_failure = True
         self._full_epsilon = True
@@ -210,17 +211,32 @@ class FailureDetector(keras.callbacks.Callback):
         """``model`` (default: the trained model's classifier) on the
         check's own images ``x``, ``y``: ``{"pgd": PGD-pgd_steps accuracy,
         "robust": the worst case of the attacks run}``, plus
-        ``"autoattack_lite"`` with ``overestimate_gap``."""
+        ``"autoattack_lite"`` with ``overestimate_gap``.
+
+        The attacks' draws are fixed by ``seed``, so the same weights give the
+        same numbers: each measurement is kept under a digest of the weights
+        and returned again for them (``train_lib.keep_least_bad`` scores the
+        last attempt's final weights, which its judged epoch has already
+        measured, after the other attempts'; one small dict per detector)."""
         from tf_backsmooth import evaluation
+        model = self.model.base_model if model is None else model
+        digest = hashlib.sha256()
+        for weight in model.weights:
+            value = np.ascontiguousarray(keras.ops.convert_to_numpy(weight))
+            digest.update(str((weight.path, value.shape, value.dtype)).encode())
+            digest.update(value.tobytes())
+        digest = digest.hexdigest()
+        if digest in self._measured:
+            return dict(self._measured[digest])
         attacks = ("pgd",) if self.overestimate_gap is None else ("pgd", "autoattack_lite")
         report = evaluation.evaluate(
-            self.model.base_model if model is None else model, self.x, self.y, [self.epsilon],
-            attacks=attacks, batch_size=self.batch_size,
-            pgd_steps=self.pgd_steps, seed=self.seed)
+            model, self.x, self.y, [self.epsilon], attacks=attacks,
+            batch_size=self.batch_size, pgd_steps=self.pgd_steps, seed=self.seed)
         acc = next(iter(report["attacks"].values()))
         out = {"pgd": float(acc["pgd"]), "robust": float(report["robust_accuracy"])}
         if self.overestimate_gap is not None:
             out["autoattack_lite"] = float(acc["autoattack_lite"])
+        self._measured[digest] = dict(out)
         return out
 
     def robust_accuracy(self, model=None):

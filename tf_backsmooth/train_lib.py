@@ -906,7 +906,8 @@ def _run(config, strategy, is_chief, flags_text):
                  "weights under it to keep the least bad", len(attempts) + 1)
         kept, scores, epochs = keep_least_bad(config, model, detector, attempts, val)
         what = (f"PGD-{detector.pgd_steps}"
-                + (" and autoattack_lite (worst case)" if detector.overestimate_gap else "")
+                + (" and autoattack_lite (worst case)"
+                   if detector.overestimate_gap is not None else "")
                 + f" on {len(detector.y)} training images"
                 if detector.x is not None else
                 f"PGD-{config.eval_pgd_steps} on the validation split")
