@@ -118,6 +118,17 @@ def sha256_file(path):
     return digest.hexdigest()
 
 
+def weights_fingerprint(model):
+    """sha256 of all of ``model``'s weights (float32 bytes, in order): equal
+    iff identical, for one architecture. numpy is imported here, not at load."""
+    import numpy as np
+
+    digest = hashlib.sha256()
+    for w in model.get_weights():
+        digest.update(np.ascontiguousarray(w, np.float32).tobytes())
+    return digest.hexdigest()
+
+
 def save_weights(model, path):
     """``model.save_weights(path)`` (Keras' ``.weights.h5``), atomically;
     returns the file's sha256. Loads with ``model.load_weights(path)``."""

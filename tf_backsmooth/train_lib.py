@@ -745,14 +745,8 @@ def export_classifier(config, info, base):
     return clone
 
 
-def weights_fingerprint(model):
-    """sha256 of all weights (float32 bytes, in order): equal iff identical."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for w in model.get_weights():
-        digest.update(np.ascontiguousarray(w, np.float32).tobytes())
-    return digest.hexdigest()
+# sha256 of all weights (results.json's weights_sha256); shared with the failure check.
+weights_fingerprint = fileio.weights_fingerprint
 
 
 # --------------------------------------------------------------------- run
