@@ -112,6 +112,11 @@ VARIANTS = {
                       "... with the catastrophic-overfitting guard at its defaults (PGD-10 vs FGSM "
                       "on 128 training images every 200 steps; on a collapse, roll back and halve "
                       "the FGSM step: still FGSM-RS, docs/CO_GUARD.md)"),
+    "wong_five_restarts": ("wong", WONG, ["--failure_restarts=5"], SIX,
+                           "wong_masking_check (the flagfile) with up to 5 restarts instead of 2 "
+                           "(session 18): does a larger restart budget rescue the runs whose 3 "
+                           "attempts all failed? Not adopted: 1 of 4 such runs, at 1.6-2.0x their "
+                           "training time"),
     "wong_masking_check": ("wong", WONG, [], SIX,
                            "the flagfile since session 17: wong_restart's check also runs "
                            "autoattack_lite on its 1000 training images and restarts a run "
