@@ -1047,7 +1047,7 @@ def test_when_every_attempt_fails_the_least_bad_one_is_exported(
                                     "robust_accuracy": list(scores)}
     assert results["seed"] == (5 if kept == 1 else train_lib.attempt_seed(5, 1))
     assert any("every one of the 2 attempts failed the check" in w
-               and "with --failure_restarts above 1 " in w for w in results["warnings"])
+               and "another --seed (the same seed repeats these 2 attempts)" in w for w in results["warnings"])
     assert ("attempt 1 of 2 (epoch 1, in attempt_1/)" in results["selected_weights"]) == (kept == 1)
 
 

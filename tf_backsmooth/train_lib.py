@@ -919,10 +919,11 @@ def _run(config, strategy, is_chief, flags_text):
         warnings.append(
             f"every one of the {len(attempts) + 1} attempts failed the check; the "
             f"exported weights are attempt {kept}'s, the most accurate under {what} "
-            f"({shown} for attempts 1-{len(attempts) + 1}). To try more attempts, "
-            f"train again in a new --model_dir with --failure_restarts above "
-            f"{config.failure_restarts} (each attempt has its own seed), or use a "
-            "method that fails less often at this epsilon (docs/MNIST_STUDY.md)")
+            f"({shown} for attempts 1-{len(attempts) + 1}). To try again, train in "
+            f"a new --model_dir with another --seed (the same seed repeats these "
+            f"{len(attempts) + 1} attempts), with more attempts if needed "
+            "(--failure_restarts), or use a method that fails less often at this "
+            "epsilon (docs/MNIST_STUDY.md)")
         log.warning("LEAST BAD: %s", warnings[-1])
 
     classifier = export_classifier(config, info, model.base_model)
