@@ -45,6 +45,45 @@ def test_defaults_and_values(model_dir, tmp_path):
     assert c.progress is False and c.jit_compile is True
 
 
+def test_dataset_and_data_dir_default_to_the_runs(tmp_path):
+    """In a bin/train run directory (config.json), --dataset and --data_dir not
+    given are the run's; given ones win and are reported when they differ; a
+    recorded data_dir that is no folder from here, or an unreadable
+    config.json, leaves the flag defaults."""
+    import json
+    run = tmp_path / "run"
+    run.mkdir()
+    keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
+                      keras.layers.Dense(10)]).save(run / "model.keras")
+    data_dir = tmp_path / "fashion"
+    data_dir.mkdir()
+    (run / "config.json").write_text(json.dumps(
+        {"dataset": "fashion_mnist", "data_dir": str(data_dir), "seed": 3}))
+
+    def parse(*argv):
+        fv = flags.FlagValues()
+        tbs_flags.define_eval_flags(fv)
+        fv(["evaluate", *argv])
+        return tbs_flags.eval_config_from_flags(fv), tbs_flags.run_defaults(fv)
+
+    for path in (run, run / "model.keras"):
+        c, (taken, differs) = parse(f"--model_path={path}", "--epsilon=0.1")
+        assert (c.dataset, c.data_dir) == ("fashion_mnist", str(data_dir))
+        assert taken == {"dataset": "fashion_mnist", "data_dir": str(data_dir)}
+        assert differs == {}
+    c, (taken, differs) = parse(f"--model_path={run}", "--epsilon=0.1", "--dataset=mnist")
+    assert (c.dataset, c.data_dir) == ("mnist", str(data_dir))
+    assert differs == {"dataset": ("mnist", "fashion_mnist")}
+    (run / "config.json").write_text(json.dumps(
+        {"dataset": "fashion_mnist", "data_dir": str(tmp_path / "gone")}))
+    c, (taken, _) = parse(f"--model_path={run}", "--epsilon=0.1")
+    assert (c.dataset, c.data_dir) == ("fashion_mnist", None)
+    assert taken == {"dataset": "fashion_mnist"}
+    (run / "config.json").write_text("{not json")
+    c, (taken, differs) = parse(f"--model_path={run}", "--epsilon=0.1")
+    assert (c.dataset, c.data_dir, taken, differs) == ("mnist", None, {}, {})
+
+
 def test_evaluation_defaults_come_from_eval_config():
     from tf_backsmooth import data, evaluation
     assert evaluation.SQUARE_QUERIES == config_lib.EvalConfig.square_queries

@@ -16,6 +16,8 @@ starts with the field name) names the flag.
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 
 from absl import flags
@@ -231,8 +233,12 @@ def define_eval_flags(flag_values=flags.FLAGS):
     fv = flag_values
     _define(fv, flags.DEFINE_string, "model_path", None,
             "A .keras file, or a run directory containing model.keras.")
-    _define(fv, flags.DEFINE_string, "dataset", d.dataset, "Dataset name (tf_backsmooth.data).")
-    _define(fv, flags.DEFINE_string, "data_dir", None, "Folder holding the dataset's files.")
+    _define(fv, flags.DEFINE_string, "dataset", d.dataset,
+            "Dataset name (tf_backsmooth.data). Default: the run's, when --model_path is a "
+            "bin/train run directory; otherwise mnist.")
+    _define(fv, flags.DEFINE_string, "data_dir", None,
+            "Folder holding the dataset's files. Default: the run's, when --model_path is a "
+            "bin/train run directory and that folder exists from here.")
     _define(fv, flags.DEFINE_string, "split", d.split,
             "Split to evaluate: train, validation or test.")
     _define(fv, flags.DEFINE_string, "epsilon", None,
@@ -307,8 +313,47 @@ def flags_text(FLAGS) -> str:  # noqa: N803
     return "\n".join(lines) + "\n"
 
 
+# bin/evaluate's flags that a run directory's config.json supplies when not given.
+RUN_DEFAULTS = ("dataset", "data_dir")
+
+
+def run_defaults(FLAGS):  # noqa: N803
+    """What ``bin/train`` recorded for ``RUN_DEFAULTS`` in the run that
+    ``--model_path`` names (a run directory, or a ``.keras`` file in one):
+    ``(taken, differs)``. ``taken`` maps each flag not given on the command
+    line to the run's value; ``differs`` maps each given flag whose value is
+    not the run's to ``(given, run's)``. A ``data_dir`` that is not a folder
+    from here (it was recorded relative to where training ran) is not taken.
+    Both are empty without a readable config.json."""
+    path = FLAGS["model_path"].value
+    if not path:
+        return {}, {}
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            recorded = json.load(f)
+    except (OSError, ValueError):
+        return {}, {}
+    if not isinstance(recorded, dict):
+        return {}, {}
+    taken, differs = {}, {}
+    for name in RUN_DEFAULTS:
+        value = recorded.get(name)
+        if not isinstance(value, str):
+            continue
+        if FLAGS[name].present:
+            if FLAGS[name].value != value:
+                differs[name] = (FLAGS[name].value, value)
+        elif name != "data_dir" or os.path.isdir(value):
+            taken[name] = value
+    return taken, differs
+
+
 def eval_config_from_flags(FLAGS) -> config_lib.EvalConfig:  # noqa: N803
     """Builds the frozen evaluation config; raises ConfigError naming a bad
-    flag (the message starts with the flag's name)."""
+    flag (the message starts with the flag's name). ``--dataset`` and
+    ``--data_dir`` not given default to the run's (:func:`run_defaults`)."""
     fields = [f.name for f in config_lib.dataclasses.fields(config_lib.EvalConfig)]
-    return config_lib.EvalConfig(**{name: FLAGS[name].value for name in fields})
+    values = {name: FLAGS[name].value for name in fields}
+    values.update(run_defaults(FLAGS)[0])
+    return config_lib.EvalConfig(**values)
