@@ -74,6 +74,11 @@ def test_dataset_and_data_dir_default_to_the_runs(tmp_path):
     c, (taken, differs) = parse(f"--model_path={run}", "--epsilon=0.1", "--dataset=mnist")
     assert (c.dataset, c.data_dir) == ("mnist", str(data_dir))
     assert differs == {"dataset": ("mnist", "fashion_mnist")}
+    same_folder = f"{data_dir}/../{data_dir.name}"  # another spelling: no warning
+    _, (_, differs) = parse(f"--model_path={run}", "--epsilon=0.1", f"--data_dir={same_folder}")
+    assert differs == {}
+    _, (_, differs) = parse(f"--model_path={run}", "--epsilon=0.1", f"--data_dir={tmp_path}")
+    assert differs == {"data_dir": (str(tmp_path), str(data_dir))}
     (run / "config.json").write_text(json.dumps(
         {"dataset": "fashion_mnist", "data_dir": str(tmp_path / "gone")}))
     c, (taken, _) = parse(f"--model_path={run}", "--epsilon=0.1")

@@ -322,7 +322,8 @@ def run_defaults(FLAGS):  # noqa: N803
     ``--model_path`` names (a run directory, or a ``.keras`` file in one):
     ``(taken, differs)``. ``taken`` maps each flag not given on the command
     line to the run's value; ``differs`` maps each given flag whose value is
-    not the run's to ``(given, run's)``. A ``data_dir`` that is not a folder
+    not the run's to ``(given, run's)`` (``data_dir``: another folder, not
+    another spelling of the same one). A ``data_dir`` that is not a folder
     from here (it was recorded relative to where training ran) is not taken.
     Both are empty without a readable config.json."""
     path = FLAGS["model_path"].value
@@ -342,8 +343,11 @@ def run_defaults(FLAGS):  # noqa: N803
         if not isinstance(value, str):
             continue
         if FLAGS[name].present:
-            if FLAGS[name].value != value:
-                differs[name] = (FLAGS[name].value, value)
+            given = FLAGS[name].value
+            same = (os.path.realpath(given) == os.path.realpath(value)
+                    if name == "data_dir" and given else given == value)
+            if not same:
+                differs[name] = (given, value)
         elif name != "data_dir" or os.path.isdir(value):
             taken[name] = value
     return taken, differs
