@@ -71,8 +71,10 @@ def test_dataset_and_data_dir_default_to_the_runs(tmp_path):
         assert (c.dataset, c.data_dir) == ("fashion_mnist", str(data_dir))
         assert taken == {"dataset": "fashion_mnist", "data_dir": str(data_dir)}
         assert differs == {}
+    # Another dataset given: the run's folder (Fashion-MNIST's files, with MNIST's file
+    # names) is not taken for it.
     c, (taken, differs) = parse(f"--model_path={run}", "--epsilon=0.1", "--dataset=mnist")
-    assert (c.dataset, c.data_dir) == ("mnist", str(data_dir))
+    assert (c.dataset, c.data_dir, taken) == ("mnist", None, {})
     assert differs == {"dataset": ("mnist", "fashion_mnist")}
     same_folder = f"{data_dir}/../{data_dir.name}"  # another spelling: no warning
     _, (_, differs) = parse(f"--model_path={run}", "--epsilon=0.1", f"--data_dir={same_folder}")

@@ -16,13 +16,13 @@ starts with the field name) names the flag.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 from absl import flags
 
 from tf_backsmooth import config as config_lib
+from tf_backsmooth import fileio
 
 _DEFAULTS = config_lib.TrainConfig()
 
@@ -324,23 +324,23 @@ def run_defaults(FLAGS):  # noqa: N803
     line to the run's value; ``differs`` maps each given flag whose value is
     not the run's to ``(given, run's)`` (``data_dir``: another folder, not
     another spelling of the same one). A ``data_dir`` that is not a folder
-    from here (it was recorded relative to where training ran) is not taken.
+    from here (it was recorded relative to where training ran), or that
+    belongs to another dataset than the one given, is not taken.
     Both are empty without a readable config.json."""
     path = FLAGS["model_path"].value
     if not path:
         return {}, {}
     folder = path if os.path.isdir(path) else os.path.dirname(path)
-    try:
-        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-            recorded = json.load(f)
+    try:  # train_lib.CONFIG; train_lib itself would load TensorFlow before the flags are checked
+        recorded = fileio.read_json(os.path.join(folder, "config.json"), default={})
     except (OSError, ValueError):
         return {}, {}
     if not isinstance(recorded, dict):
         return {}, {}
     taken, differs = {}, {}
-    for name in RUN_DEFAULTS:
+    for name in RUN_DEFAULTS:  # dataset first: the run's folder holds the run's dataset only
         value = recorded.get(name)
-        if not isinstance(value, str):
+        if not isinstance(value, str) or (name == "data_dir" and "dataset" in differs):
             continue
         if FLAGS[name].present:
             given = FLAGS[name].value
@@ -353,11 +353,12 @@ def run_defaults(FLAGS):  # noqa: N803
     return taken, differs
 
 
-def eval_config_from_flags(FLAGS) -> config_lib.EvalConfig:  # noqa: N803
+def eval_config_from_flags(FLAGS, taken=None) -> config_lib.EvalConfig:  # noqa: N803
     """Builds the frozen evaluation config; raises ConfigError naming a bad
     flag (the message starts with the flag's name). ``--dataset`` and
-    ``--data_dir`` not given default to the run's (:func:`run_defaults`)."""
+    ``--data_dir`` not given default to the run's: ``taken`` from
+    :func:`run_defaults`, read here when not passed."""
     fields = [f.name for f in config_lib.dataclasses.fields(config_lib.EvalConfig)]
     values = {name: FLAGS[name].value for name in fields}
-    values.update(run_defaults(FLAGS)[0])
+    values.update(run_defaults(FLAGS)[0] if taken is None else taken)
     return config_lib.EvalConfig(**values)
