@@ -118,7 +118,7 @@ TOOL = re.compile(r"(bin/train|bin/evaluate|(?:bench|tests|examples)/\w+\.py|"
                   r"\bpip3?\b|\bpytest\b|\bapt-get\b|\btensorboard\b|\bgit\b|\bruff\b|"
                   r"\bvenv\b|\bpdoc\b)")
 FLAG = re.compile(r"(?<![\w\-/.])--([a-z][a-z0-9_\-]*)")
-BACKTICKS = re.compile(r"`([^`\n]+)`")
+BACKTICKS = re.compile(r"`([^`]+)`")
 
 
 def _absl_flag_names(define):
@@ -192,16 +192,19 @@ def command_flags(command):
 def flag_mentions(text):
     """``(line number, tool, flag)`` for every ``--flag`` in a Markdown text or
     a flagfile: in fenced code blocks by command (continuation lines joined), in
-    inline code spans by span, and bare in prose (tool unknown)."""
+    inline code spans (which may wrap) by span, flagfile lines as bin/train's,
+    a flagfile comment line as one command text, and bare in prose (tool unknown)."""
     mentions = []
-    lines = text.splitlines()
+    prose = []  # the text outside code blocks, code blocks blanked (same line numbers)
     in_block = False
     command, start = "", 0
-    for number, line in enumerate(lines, 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if line.lstrip().startswith("```"):
             in_block = not in_block
+            prose.append("")
             continue
         if in_block:
+            prose.append("")
             if not command:
                 start = number
             command += " " + line.rstrip().rstrip("\\")
@@ -209,17 +212,24 @@ def flag_mentions(text):
                 mentions += [(start, tool, flag) for tool, flag in command_flags(command)]
                 command = ""
             continue
-        body = line.lstrip("#") if line.startswith("#") else line
         if line.startswith("--"):  # a flagfile line
             mentions.append((number, "bin/train", FLAG.match(line).group(1)))
-            continue
-        spans = BACKTICKS.findall(body)
-        rest = BACKTICKS.sub(" ", body)
-        if not spans and line.startswith("#"):
-            spans, rest = [body], ""  # a flagfile comment: its own command text
-        for span in spans:
-            mentions += [(number, tool, flag) for tool, flag in command_flags(span)]
-        mentions += [(number, None, m.group(1)) for m in FLAG.finditer(rest)]
+            prose.append("")
+        elif line.startswith("#") and "`" not in line:  # a flagfile comment or a heading
+            mentions += [(number, tool, flag) for tool, flag in command_flags(line)]
+            prose.append("")
+        else:
+            prose.append(line)
+    body = "\n".join(prose)
+
+    def line_of(offset):
+        return body.count("\n", 0, offset) + 1
+
+    for span in BACKTICKS.finditer(body):
+        mentions += [(line_of(span.start()), tool, flag)
+                     for tool, flag in command_flags(span.group(1).replace("\n", " "))]
+    rest = BACKTICKS.sub(lambda m: " " * len(m.group(0)), body)
+    mentions += [(line_of(m.start()), None, m.group(1)) for m in FLAG.finditer(rest)]
     return mentions
 
 
