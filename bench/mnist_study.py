@@ -5,12 +5,12 @@
 
 Each variant is a recipe flagfile (``experiments/mnist_*.flags``) plus at most
 a few flags that change one thing, trained for several seeds with ``bin/train``
-and evaluated with ``bin/evaluate``; ``docs/MNIST_STUDY.md`` gets one row per
+and evaluated with ``bin/evaluate``; the report (``--output``) gets one row per
 run, so failures are counted, not averaged away. Variants of the ``recipes``
 group are evaluated as the reproduction grid does (PGD-20 on the 10 000 test
 images, from the run's own final evaluation; PGD-100x2 and autoattack_lite on
 the first ``--strong_examples``); the ``wong`` group with Wong et al.'s attack
-(PGD-50, step 0.01, 10 restarts, first 1000 test images) and, since session 16,
+(PGD-50, step 0.01, 10 restarts, first 1000 test images) and, since 2026-12-04,
 PGD-20 and autoattack_lite on the same 1000 (``eval_aa20.json``, or the run's own
 final check where its flagfile sets ``--test_autoattack_examples=1000``; shown where
 measured). Finished runs and
@@ -40,17 +40,17 @@ BS = "experiments/mnist_backward_smoothing.flags"
 TRADES = "experiments/mnist_trades.flags"
 PGD = "experiments/mnist_pgd_at.flags"
 WONG = "experiments/mnist_fgsm_rs_wong.flags"
-# Since session 13 the Wong flagfile restarts a failed run (--failure_restarts=2
+# Since 7236f69 the Wong flagfile restarts a failed run (--failure_restarts=2
 # --failure_data=train --failure_from_epoch=10); every variant measured before pins it off.
 NO_RESTART = ["--failure_restarts=0", "--failure_overestimate_gap=1"]
-# The Wong flagfile before session 17: its restart check without autoattack_lite.
+# The Wong flagfile before cb6112b: its restart check without autoattack_lite.
 NO_MASKING = ["--failure_overestimate_gap=1"]
 SIX, THREE = "0,1,2,3,4,5", "0,1,2"
 VAL = ["--validation_size=1000", "--eval_every=1"]  # another data order, best-epoch selection
-# The BS flagfile's settings before session 10 (piecewise lr at 50 %/75 %, the end of the
+# The BS flagfile's settings before 2cd1669 (piecewise lr at 50 %/75 %, the end of the
 # warm-up not judged): pinned by every BS variant measured before it.
 PRE10 = ["--lr_boundaries=", "--failure_warmup_gap=1"]
-OURS = ["--clip_start=true", "--normalize=true", "--init=keras"]  # our defaults before issue 11
+OURS = ["--clip_start=true", "--normalize=true", "--init=keras"]  # our defaults before bc8e185
 
 
 def _one_of_ours(prefix, flags, seeds, abouts):
@@ -65,7 +65,7 @@ def _one_of_ours(prefix, flags, seeds, abouts):
 VARIANTS = {
     "trades": ("recipes", TRADES, [], SIX, "TRADES-10, the recipe flagfile"),
     "backward_smoothing": ("recipes", BS, [], SIX,
-                           "Backward Smoothing, the recipe flagfile (since session 10: 4 epochs, "
+                           "Backward Smoothing, the recipe flagfile (since 2cd1669: 4 epochs, "
                            "warm-up over 2, lr 1e-3 until 2.5 then 1e-4; the end of the warm-up "
                            "judged with a gap of 0.25)"),
     "bs_rollback": ("recipes", BS, ["--failure_rollback"], "2,3,4",
@@ -73,16 +73,16 @@ VARIANTS = {
                     "of its failed epoch with the new seed instead of restarting from scratch "
                     "(seeds 0, 1 and 5 never fail: their runs are the recipe's)"),
     "bs_5ep_w2": ("recipes", BS, PRE10 + ["--epochs=5"], SIX,
-                  "the BS recipe of sessions 8-9: 5 epochs, warm-up over 2 (3 at full eps), "
+                  "the BS recipe of 721d7bc: 5 epochs, warm-up over 2 (3 at full eps), "
                   "piecewise lr /10 at 2.5 and 3.75"),
     "bs_6ep": ("recipes", BS, PRE10 + ["--epochs=6", "--epsilon_warmup_epochs=2.5"], SIX,
-               "the BS recipe of session 7: 6 epochs, warm-up over 2.5 (3.5 at full eps)"),
+               "the BS recipe of c2d8b62: 6 epochs, warm-up over 2.5 (3.5 at full eps)"),
     "bs_4ep": ("recipes", BS, ["--failure_warmup_gap=1"], SIX,
-               "the session-10 recipe without judging the end of the warm-up (a failed attempt "
+               "the 2cd1669 recipe without judging the end of the warm-up (a failed attempt "
                "restarts after epoch 3, not 2): 4 epochs, warm-up over 2, lr 1e-3 until 2.5 then "
                "1e-4"),
     "bs_5ep": ("recipes", BS, PRE10 + ["--epochs=5", "--epsilon_warmup_epochs=2.5"], SIX,
-               "the BS recipe before session 7: 5 epochs (warm-up 2.5 epochs, so 2.5 at full eps)"),
+               "the BS recipe before c2d8b62: 5 epochs (warm-up 2.5 epochs, so 2.5 at full eps)"),
     "bs_warmup_only": ("recipes", BS, PRE10 + ["--epochs=5", "--epsilon_warmup_epochs=2.5", "--failure_restarts=0"], SIX,
                        "BS recipe without the automatic restart (warm-up only)"),
     "bs_warmup_1": ("recipes", BS, PRE10 + ["--epochs=5", "--epsilon_warmup_epochs=1"], THREE,
@@ -100,7 +100,7 @@ VARIANTS = {
     "pgd_at": ("recipes", PGD, [], "0,1", "PGD-AT with 40 steps of 0.01, the recipe flagfile"),
     **{f"{m}_bs_recipe": ("recipes", BS, [f"--method={m}"], THREE,
                           f"{what} with the Backward Smoothing flagfile unchanged otherwise "
-                          "(session 16): the same warm-up, learning rate, failure check and "
+                          "(2664db0): the same warm-up, learning rate, failure check and "
                           "restarts, the method's default step")
        for m, what in (("fgsm_rs", "FGSM-RS (uniform start, one step of 1.25 eps)"),
                        ("fast_trades", "Fast TRADES (uniform start, one KL step of eps)"),
@@ -114,41 +114,41 @@ VARIANTS = {
                       "the FGSM step: still FGSM-RS, docs/CO_GUARD.md)"),
     "wong_five_restarts": ("wong", WONG, ["--failure_restarts=5"], SIX,
                            "wong_masking_check (the flagfile) with up to 5 restarts instead of 2 "
-                           "(session 18): does a larger restart budget rescue the runs whose 3 "
+                           "(550914b): does a larger restart budget rescue the runs whose 3 "
                            "attempts all failed? Not adopted: 1 of 4 such runs, at 1.6-2.0x their "
                            "training time"),
     "wong_masking_check": ("wong", WONG, [], SIX,
-                           "the flagfile since session 17: wong_restart's check also runs "
+                           "the flagfile since cb6112b: wong_restart's check also runs "
                            "autoattack_lite on its 1000 training images and restarts a run "
                            "whose PGD-20 accuracy there is more than 10 points above it "
                            "(--failure_overestimate_gap=0.1: gradient masking), and compares "
                            "attempts by the worst case of both"),
     "wong_restart": ("wong", WONG, NO_MASKING, SIX,
-                     "the flagfile of sessions 14-16: their recipe with an automatic restart (new seed, from scratch, up to 2 times) when "
+                     "the flagfile from 55c1ed2 to cb6112b: their recipe with an automatic restart (new seed, from scratch, up to 2 times) when "
                      "the finished run is more than 20 points more accurate on its own FGSM "
                      "training attack than under PGD-20 on 1000 training images (no validation "
                      "split, so the data order is the recipe's)"),
     "wong_restart_pgd10": ("wong", WONG, NO_MASKING + ["--failure_pgd_steps=0"], SIX,
-                           "the flagfile of session 13: the same restart, but the check "
+                           "the flagfile of 7236f69: the same restart, but the check "
                            "measured PGD-10 (--eval_pgd_steps) on the training images; "
-                           "session 14's seed 11 showed it misses a partial collapse that "
+                           "seed 11 (55c1ed2) showed it misses a partial collapse that "
                            "PGD-20 sees"),
     "wong_s4code": ("wong", WONG, NO_RESTART, THREE,
-                    "the same flagfile and seeds, trained in session 4 on another VM with that "
-                    "session's code (before session 9's fastgrad: the attack's input gradient "
+                    "the same flagfile and seeds, trained on 2026-12-02 on another VM with that "
+                    "day's code (before fastgrad, 60c32cb: the attack's input gradient "
                     "through the first convolution came from TensorFlow's kernel, equal up to "
                     "float rounding); report only: the current code retrains these seeds as "
                     "`wong`"),
     "wong_initbug": ("wong", WONG, NO_RESTART, THREE,
-                     "the same, measured in session 3 with the `--init=torch` bug (each bias a "
-                     "copy of the first entries of its layer's kernel; fixed in session 4); "
+                     "the same, measured at bc8e185 with the `--init=torch` bug (each bias a "
+                     "copy of the first entries of its layer's kernel; fixed in 683aba4); "
                      "report only: these runs cannot be repeated"),
     "wong_val": ("wong", WONG, NO_RESTART + VAL, THREE,
                  "... but 1000 training images held out for validation (another data order; "
                  "the exported model is the best epoch by validation PGD-10)"),
     "wong_ours_val": ("wong", WONG, NO_RESTART + VAL + OURS, THREE,
-                      "... with the validation split and our three previous defaults: the command of "
-                      "issue 11 that collapsed for seed 0"),
+                      "... with the validation split and our three previous defaults: the command "
+                      "that first collapsed for seed 0"),
     **_one_of_ours("wong_val", VAL, ("0,1", "0", "0"), (
         "wong_val with one of our defaults: the start clipped before the gradient pass",
         "wong_val with one of our defaults: normalisation by the MNIST mean and std",
@@ -162,21 +162,21 @@ VARIANTS = {
                   "Keras init)"),
 }
 EVALS = {"recipes": ("strong",), "wong": ("wong",)}
-# Run by training runs since session 16 and read where present, but not required of a
+# Run by training runs since 2664db0 and read where present, but not required of a
 # run directory: PGD-20 and autoattack_lite on the same first 1000 test images.
 EXTRA_EVALS = {"wong": ("aa20",)}
 REPORT_ONLY = {"wong_initbug", "wong_s4code"}  # rows kept from code that no longer exists
 STORE = "bench/results_mnist_study.json"  # per-run numbers, committed (runs/ is not)
 STORE_ABOUT = (
-    "Per-run numbers of docs/MNIST_STUDY.md, one record per run directory name "
+    "Per-run numbers of the MNIST study report, one record per run directory name "
     "(mnist_<variant>_s<seed>), written by bench/mnist_study.py. Accuracies are fractions in "
     "[0, 1] as bench/reproduce.py's read_run returns them, null where not measured; `command` "
     "trains the run (`python bench/mnist_study.py --variants=<variant> --seeds=<seed>` trains "
     "and evaluates it); `source` tells where the numbers were read: a run directory (full "
-    "precision, whole curves) or the tables of docs/MNIST_STUDY.md (rounded to 0.1 points and "
+    "precision, whole curves) or the tables of the earlier report (rounded to 0.1 points and "
     "1 s; val_curve then holds epoch 1 only and train_attack_curve the last epoch only).")
 FAIL = 0.5  # recipes: a run whose autoattack_lite accuracy is below this is counted as failed
-WONG_FAIL = 0.75  # wong: a seed below this fails issue 11's criterion
+WONG_FAIL = 0.75  # wong: a seed below this fails the 75 % floor
 
 
 def pct(v):

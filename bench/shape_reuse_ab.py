@@ -4,7 +4,7 @@
     python bench/shape_reuse_ab.py --model_path=RUN_DIR --dataset=fashion_mnist \
         --epsilon=0.1 [--num_examples=1000] [--batch_size=500] [--pairs=2]
 
-``evaluation.REUSE_PAD`` (session 13) pads a graph-mode batch by up to 10 % to a
+``evaluation.REUSE_PAD`` (963be75) pads a graph-mode batch by up to 10 % to a
 batch size its attack function already ran, because the fused element-wise
 parts of the attacks (``attacks.fused``) are XLA clusters compiled once per
 batch shape. This runs ``evaluate(..., attacks="autoattack")`` ``--pairs`` times

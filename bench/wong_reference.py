@@ -19,7 +19,7 @@ our ``--failure_restarts --failure_data=train`` check (PGD-``--failure_pgd_steps
 the 1000 training images ``train_lib.make_failure_detector`` picks for that
 seed, as ``callbacks.FailureDetector`` runs it) next to the FGSM training
 accuracy of their last epoch (read from their log, ``fgsm_s<seed>.log``; runs
-trained before session 14 have no log and get the PGD accuracy only): would
+trained before 55c1ed2 have no log and get the PGD accuracy only): would
 our check have restarted their run?
 
 Only the environment is adapted, not their code: ``.cuda()`` becomes a no-op

@@ -7,7 +7,7 @@
 
 Why: `experiments/mnist_fgsm_rs_wong.flags` trains the same network with the
 same attack, schedule and initialisation distribution as their
-``MNIST/train_mnist.py``, yet its seeds end far lower (docs/MNIST_STUDY.md).
+``MNIST/train_mnist.py``, yet its seeds end far lower (docs/RESULTS.md).
 This twin separates the trainer from its random streams. It is an ordinary
 PyTorch loop with their algorithm (random start U(-eps, eps) without a clip,
 one FGSM step of 0.375, projection; CE on the clipped point; Adam with the

@@ -319,6 +319,57 @@ def test_incomplete_folder(tmp_path):
     assert str(tmp_path) in str(err.value) and "t10k-labels-idx1-ubyte" in str(err.value)
 
 
+def _write_keras_npz(path, seed=0):
+    """A small ``mnist.npz`` in the layout ``keras.datasets.mnist`` downloads."""
+    rng = np.random.default_rng(seed)
+    arrays = {f"x_{s}": rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+              for s, n in (("train", 12), ("test", 6))}
+    arrays.update({f"y_{s}": rng.integers(0, 10, n, dtype=np.uint8)
+                   for s, n in (("train", 12), ("test", 6))})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)
+    return arrays
+
+
+def test_mnist_from_keras_download(tmp_path, monkeypatch):
+    """``~/.keras/datasets/mnist.npz`` (KERAS_HOME here) is read without a
+    data_dir, and ``data_dir/mnist.npz`` with one; both splits, exact."""
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+    data.clear_cache()
+    arrays = _write_keras_npz(tmp_path / "keras" / "datasets" / "mnist.npz")
+    x, y = data.load_arrays("mnist", "test")
+    np.testing.assert_array_equal(x[..., 0], arrays["x_test"])
+    np.testing.assert_array_equal(y, arrays["y_test"])
+    x, y = data.load_arrays("mnist", "train", validation_size=0)
+    np.testing.assert_array_equal(x[..., 0], arrays["x_train"])
+    assert data.find_offline_files("mnist")["test"] == [
+        f"{tmp_path / 'keras' / 'datasets' / 'mnist.npz'} (x_test, y_test)"]
+    other = _write_keras_npz(tmp_path / "elsewhere" / "mnist.npz", seed=1)
+    x, _ = data.load_arrays("mnist", "test", data_dir=tmp_path / "elsewhere")
+    np.testing.assert_array_equal(x[..., 0], other["x_test"])
+    # Fashion-MNIST is not taken from MNIST's file.
+    assert data.find_offline_files("fashion_mnist", data_dir=tmp_path / "elsewhere") is None
+
+
+def test_broken_keras_download_names_the_file(tmp_path):
+    arrays = _write_keras_npz(tmp_path / "x.npz")
+    del arrays["y_test"]
+    np.savez(tmp_path / "mnist.npz", **arrays)
+    with pytest.raises(DataError, match=r"mnist.npz has no array 'y_test'"):
+        data.load_arrays("mnist", "test", data_dir=tmp_path)
+    (tmp_path / "mnist.npz").write_bytes(b"PK\x03\x04 not a zip")
+    data.clear_cache()
+    with pytest.raises(DataError, match=r"Cannot read .*mnist.npz.*fresh keras.datasets"):
+        data.load_arrays("mnist", "test", data_dir=tmp_path)
+
+
+def test_missing_data_names_the_keras_download(tmp_path):
+    with pytest.raises(DataError) as err:
+        data.load_arrays("mnist", "test", data_dir=tmp_path / "none")
+    assert f"keras.datasets.mnist.load_data()) at:\n  {tmp_path / 'none' / 'mnist.npz'}" in str(err.value)
+
+
 def test_missing_data_fails_fast_without_network(tmp_path, monkeypatch):
     def no_network(*args, **kwargs):
         raise AssertionError("the data loader tried to use the network")
@@ -476,7 +527,7 @@ def test_make_dataset_shuffling_is_keyed_on_seed_and_epoch():
 
 
 def _pipeline_before_issue_14(x, y, info, batch_size, seed, first_epoch, epochs, augment):
-    """``train_lib.train_dataset`` as bin/train used it before issue 14 moved
+    """``train_lib.train_dataset`` as bin/train used it before 736e084 moved
     the pipeline into ``data.make_dataset``, verbatim: bin/train's batches must
     stay bit-identical to it (the quickstart's numbers, resumes of older runs)."""
     import tensorflow as tf
@@ -510,7 +561,7 @@ def _pipeline_before_issue_14(x, y, info, batch_size, seed, first_epoch, epochs,
 def test_bin_train_batches_are_make_dataset_batches(tmp_path):
     """bin/train's pipeline (``train_lib.run`` -> ``train_lib.train_batches``)
     is ``make_dataset(split="train")``: same batches for the same seed, equal
-    to the pipeline of before issue 14, and resumable from any epoch."""
+    to the pipeline of before 736e084, and resumable from any epoch."""
     from tf_backsmooth import config as config_lib
     from tf_backsmooth import train_lib
 

@@ -76,9 +76,10 @@ def history_hits(text):
 
 
 def test_history_patterns_catch_what_they_should():
+    issue = "iss" + "ue"
     bad = ["measured in " + _WORD + " 9", "since " + _WORD + "s 8-9",
-           "Issue 11's criterion", "(issue 14)", "issue #7", "issues 11 and 13",
-           _WORD.capitalize() + " notes"]
+           issue.capitalize() + " 11's criterion", f"({issue} 14)", f"{issue} #7",
+           f"{issue}s 11 and 13", _WORD.capitalize() + " notes"]
     good = ["tf." + _WORD.capitalize() + "()", "tensorflow/tensorflow#72388",
             "the issue is the learning rate", "an issue with 2 replicas"]
     assert all(history_hits(text) for text in bad), [t for t in bad if not history_hits(t)]

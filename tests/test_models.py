@@ -212,7 +212,7 @@ def test_torch_init_draws_kernels_and_biases_like_pytorch():
 @pytest.mark.slow  # a fresh interpreter
 def test_package_exposes_its_modules_lazily():
     """`import tf_backsmooth as tbs; tbs.models.get(...)` etc. work without
-    importing the submodules first (issue 14)."""
+    importing the submodules first."""
     from conftest import REPO
 
     code = ("import tf_backsmooth as tbs, sys; "
@@ -233,7 +233,7 @@ def test_package_exposes_its_modules_lazily():
 
 def test_config_names_match_the_registries():
     """config.py lists names without importing TensorFlow; these lists must stay
-    equal to the registries they copy (issue 14: nothing tied them before)."""
+    equal to the registries they copy."""
     from tf_backsmooth import co_guard, config, data, methods
 
     assert set(config.METHODS) == set(methods.names())

@@ -1,4 +1,4 @@
-"""One source for each name, default and helper (issue 14): seed streams,
+"""One source for each name, default and helper: seed streams,
 the CO guard's defaults, the epsilon check, the gradient cosine, APGD's home."""
 
 import inspect

@@ -56,13 +56,13 @@ def test_int_seed_equals_pair_and_bad_dtype_rejected():
 
 
 def test_fgsm_rs_starts_behave_like_iid_uniform_draws():
-    """The random starts a training run draws (FGSM-RS, issue 11): step k's
+    """The random starts a training run draws (FGSM-RS): step k's
     start is U(-eps, eps) keyed on RobustModel.step_seed(k) and the attack
     stream. Checked as one would check PyTorch's ``uniform_`` or NumPy's:
     moments, and no linear structure across steps, examples or pixels (every
     off-diagonal cosine of the Gram matrices is as small as for independent
-    vectors). docs/MNIST_STUDY.md section 7: swapping this stream for NumPy's
-    did not change how often Wong et al.'s recipe collapses."""
+    vectors). Swapping this stream for NumPy's did not change how often Wong
+    et al.'s recipe collapses (01fcd3f, 736e084; docs/GUIDE.md, lessons learned)."""
     eps, steps, batch, pixels = 0.3, 40, 100, 784
 
     @tf.function

@@ -542,7 +542,7 @@ def test_wong_flagfile_is_their_recipe_flag_for_flag():
         2, "train", 10, 0.2)
     assert (c.failure_examples, c.failure_pgd_steps, c.test_pgd_steps) == (1000, 20, 20)
     assert c.test_autoattack_examples == 1000  # not theirs: the final autoattack_lite check
-    # Not theirs (session 17): the check also restarts a run whose PGD-20 accuracy on its
+    # Not theirs (cb6112b): the check also restarts a run whose PGD-20 accuracy on its
     # training images is more than 10 points above autoattack_lite's (gradient masking).
     assert c.failure_overestimate_gap == 0.1
     theirs = _parse(f"--flagfile={REPO / 'experiments' / 'mnist_fgsm_rs_wong.flags'}",
@@ -554,7 +554,7 @@ def test_wong_flagfile_is_their_recipe_flag_for_flag():
 
 
 def test_bs_flagfile_schedule_is_the_recipe_its_header_states():
-    """experiments/mnist_backward_smoothing.flags (docs/MNIST_STUDY.md section 12): 460 steps
+    """experiments/mnist_backward_smoothing.flags (docs/RESULTS.md; 2cd1669): 460 steps
     per epoch (59 000 training images, batch 128), epsilon ramps to 0.3 over 2 epochs (920
     steps), lr 1e-3 until epoch 2.5 (step 1150) then 1e-4 to the end, and epoch 2 (the one
     that ends the warm-up) is judged with a gap of 0.25, the full-eps epochs with 0.2."""
@@ -629,7 +629,7 @@ def test_failure_detector_stops_only_at_full_epsilon_with_a_large_gap():
         detector.on_epoch_end(2, logs)
         return detector.failed, model.stop_training
 
-    # BS seed 4 of docs/MNIST_STUDY.md at the end of epoch 3: 91.5 % vs 37.2 %.
+    # BS seed 4 of the MNIST study (bc8e185) at the end of epoch 3: 91.5 % vs 37.2 %.
     failed, stop = run({"adv_accuracy": 0.915, "val_robust_accuracy": 0.372, "epsilon": 0.3})
     assert stop and failed == {"epoch": 3, "adv_accuracy": 0.915, "val_robust_accuracy": 0.372,
                                "end_of_warmup": False}
@@ -1051,26 +1051,6 @@ def test_when_every_attempt_fails_the_least_bad_one_is_exported(
     assert ("attempt 1 of 2 (epoch 1, in attempt_1/)" in results["selected_weights"]) == (kept == 1)
 
 
-def test_bfloat16_policy_warns_on_a_cpu_without_bfloat16_units(tmp_path):
-    """The bfloat16 units come from the cpuinfo flags line; mixed_bfloat16 on
-    a CPU reporting none warns (with the benchmark to run), not when it
-    reports one, not for other policies, on an accelerator, or when unknown."""
-    from tf_backsmooth import train_lib
-
-    amx, plain = tmp_path / "amx", tmp_path / "plain"
-    amx.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_tile amx_bf16\n")
-    plain.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f\n")
-    assert train_lib.cpu_bfloat16_units(str(amx)) == ["amx_bf16", "avx512_bf16"]
-    assert train_lib.cpu_bfloat16_units(str(plain)) == []
-    assert train_lib.cpu_bfloat16_units(str(tmp_path / "missing")) is None
-    warning = train_lib.bfloat16_warning("mixed_bfloat16", [], None)
-    assert "no bfloat16 units" in warning and "--precisions=float32,bfloat16" in warning
-    assert train_lib.bfloat16_warning("mixed_bfloat16", ["amx_bf16"], None) is None
-    assert train_lib.bfloat16_warning("float32", [], None) is None
-    assert train_lib.bfloat16_warning("mixed_bfloat16", [], "GPU") is None
-    assert train_lib.bfloat16_warning("mixed_bfloat16", None, None) is None
-
-
 def test_lr_boundaries_flag_parses_epochs():
     assert _parse().lr_boundaries == () == _parse("--lr_boundaries=").lr_boundaries
     assert _parse("--lr_boundaries=2.5,3").lr_boundaries == (2.5, 3.0)
@@ -1108,7 +1088,7 @@ def test_failure_detector_judges_the_end_of_the_warm_up_with_its_own_gap():
         detector.on_epoch_end(1, {"adv_accuracy": adv, "val_robust_accuracy": val})
         return detector.failed, model.stop_training
 
-    # The end-of-warm-up numbers of docs/MNIST_STUDY.md (section 11): BS seed 3's
+    # The end-of-warm-up numbers of the MNIST study (626f0e8): BS seed 3's
     # failed attempt (91.0 % vs 62.3 %, gap 0.287) and its healthy restart (gap 0.218).
     failed, stop = run(0.623, 5, 10, adv=0.910)
     assert stop and failed["end_of_warmup"] and failed["epoch"] == 2

@@ -87,7 +87,7 @@ def check_choice(name: str, value, choices):
 
 
 # Training-attack accuracy minus PGD accuracy above which a run is called failed
-# (catastrophic overfitting / gradient masking); see docs/MNIST_STUDY.md.
+# (catastrophic overfitting / gradient masking); see docs/GUIDE.md, "Lessons learned".
 FAILURE_GAP = 0.2
 
 # Epsilon and step sizes are in pixel units for inputs in [0, 1]: a budget above
@@ -301,15 +301,15 @@ class TrainConfig:
     failure_examples: int = 1000
     failure_from_epoch: int = 0
     # failure_data="train": the PGD steps of the check's own attack (0: as
-    # many as eval_pgd_steps). Session 14: PGD-10 (step 2.5 eps / 10) missed
+    # many as eval_pgd_steps). PGD-10 (step 2.5 eps / 10) missed
     # a partial collapse that PGD-20 and the final NOT ROBUST check saw.
     failure_pgd_steps: int = 0
     # failure_data="train": also run autoattack_lite on the check's images and
     # fail an attempt whose PGD accuracy there exceeds it by more than this
-    # (gradient masking that PGD does not see; session 17). 1: off.
+    # (gradient masking that PGD does not see). 1: off.
     failure_overestimate_gap: float = 1.0
     # When every attempt fails the check: export the attempt whose weights
-    # score best on the check's own attack and images ("best", session 15),
+    # score best on the check's own attack and images ("best"),
     # or the last attempt as before ("last").
     failure_keep: str = "best"
 

@@ -395,7 +395,7 @@ class _Runner:
         XLA clusters, compiled once per batch shape (about 0.5 s each here),
         and each APGD-T / FAB-T target and restart sees a few examples fewer
         than the one before: reusing the last shape, padded, costs a few
-        rows of compute instead of a compilation (BUILD_NOTES.md, session 13).
+        rows of compute instead of a compilation (963be75).
         """
         sizes = self.cache.setdefault(("batch sizes",) + key, set())
         fits = [s for s in sizes if count <= s <= count * (1 + REUSE_PAD)]
