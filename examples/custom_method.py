@@ -8,7 +8,7 @@ package's PGD evaluation and with the custom attack itself.
 
 Data: the first 2048 Fashion-MNIST training images when the files are installed
 (Debian's ``dataset-fashion-mnist`` or any place ``tf_backsmooth.data`` searches),
-otherwise random images (``--synthetic`` forces that). 13 s on 2 CPU cores (2026-12-04).
+otherwise random images (``--synthetic`` forces that). 13 s on 2 CPU cores (2026-12-08).
 
     python examples/custom_method.py [--synthetic]
 """
