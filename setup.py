@@ -38,7 +38,9 @@ setup(
     extras_require={
         "cpu": ["tensorflow-cpu>=2.16"],
         "gpu": ["tensorflow[and-cuda]>=2.16"],
-        "test": ["pytest>=7", "pytest-timeout>=2", "foolbox>=3.3", "scipy"],
+        "test": ["pytest>=7", "pytest-timeout>=2", "foolbox>=3.3", "scipy", "pdoc>=14"],
+        # The API reference: python -m pdoc -o docs/api tf_backsmooth
+        "docs": ["pdoc>=14"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

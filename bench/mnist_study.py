@@ -189,7 +189,7 @@ def _seeds(variant, override):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    reproduce.add_run_args(p, None, "docs/MNIST_STUDY.md")
+    reproduce.add_run_args(p, None, "runs/mnist_study.md")
     p.set_defaults(runs="runs/study")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--store", default=STORE,

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Runs the reproduction grid and regenerates docs/RESULTS.md and its plots.
+"""Runs the reproduction grid and writes its report: tables and plots (--output, default runs/grid_report.md).
 
     python bench/reproduce.py [--seeds=0,1,2] [--datasets=mnist,fashion_mnist]
                               [--methods=...] [--runs=runs/grid] [--report_only]
@@ -234,7 +234,7 @@ def add_run_args(p, seeds, output):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_run_args(p, "0,1,2", "docs/RESULTS.md")
+    add_run_args(p, "0,1,2", "runs/grid_report.md")
     p.add_argument("--datasets", default="mnist,fashion_mnist")
     p.add_argument("--methods", default=",".join(METHODS))
     args = p.parse_args()

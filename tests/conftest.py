@@ -17,8 +17,13 @@ if str(REPO) not in sys.path:
 if str(REPO / "tests") not in sys.path:
     sys.path.insert(0, str(REPO / "tests"))
 
+# isort: off
+# Before TensorFlow, as a user's program would: the package chooses
+# TensorFlow's CPU kernels for this CPU kind (tf_backsmooth.cpu).
+import tf_backsmooth  # noqa: E402, F401
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
+# isort: on
 
 _cpus = tf.config.list_physical_devices("CPU")
 try:

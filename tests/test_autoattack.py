@@ -202,6 +202,9 @@ def test_bin_evaluate_runs_square_alone(tmp_path):
     report = json.loads(out.read_text())
     assert report["settings"]["square_queries"] == 20
     assert "square" in report["attacks"]["0.1"]
+    # The CPU kernel choice is recorded and printed (tf_backsmooth.cpu).
+    assert report["cpu_kernels"]["onednn"]["in_use"] in (True, False)
+    assert "oneDNN kernels o" in proc.stdout
     bad = subprocess.run(
         [sys.executable, str(REPO / "bin" / "evaluate"), f"--model_path={tmp_path}",
          "--dataset=fashion_mnist", "--epsilon=0.1", "--attacks=square",

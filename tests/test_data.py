@@ -356,7 +356,7 @@ def test_broken_keras_download_names_the_file(tmp_path):
     arrays = _write_keras_npz(tmp_path / "x.npz")
     del arrays["y_test"]
     np.savez(tmp_path / "mnist.npz", **arrays)
-    with pytest.raises(DataError, match=r"mnist.npz has no array 'y_test'"):
+    with pytest.raises(DataError, match=r"mnist.npz has no array y_test; Keras"):
         data.load_arrays("mnist", "test", data_dir=tmp_path)
     (tmp_path / "mnist.npz").write_bytes(b"PK\x03\x04 not a zip")
     data.clear_cache()

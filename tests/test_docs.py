@@ -336,3 +336,55 @@ def test_custom_method_example_runs():
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert "trained goodfellow_at" in result.stdout
     assert "custom method example: OK" in result.stdout
+
+
+# ----------------------------------------------------------------------------
+# The API reference (pdoc, the `docs` extra) builds without a warning
+# ----------------------------------------------------------------------------
+API_DOCS = """
+import pathlib, sys, warnings
+import pdoc
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    pdoc.pdoc(*sys.argv[2:], output_directory=pathlib.Path(sys.argv[1]))
+bad = [w for w in caught if "pdoc" in w.filename]
+for w in bad:
+    print(f"pdoc: {w.message}")
+sys.exit(1 if bad else 0)
+"""
+
+
+def build_api_reference(out, *modules):
+    pytest.importorskip("pdoc")
+    return subprocess.run([sys.executable, "-c", API_DOCS, str(out), *modules],
+                          capture_output=True, text=True, cwd=REPO, timeout=600)
+
+
+@pytest.mark.slow  # imports every module (TensorFlow) in a subprocess
+def test_api_reference_builds(tmp_path):
+    proc = build_api_reference(tmp_path, "tf_backsmooth")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for page in ("tf_backsmooth.html", "tf_backsmooth/robust_model.html",
+                 "tf_backsmooth/methods.html", "tf_backsmooth/attacks.html"):
+        assert (tmp_path / page).is_file(), page
+    text = (tmp_path / "tf_backsmooth" / "robust_model.html").read_text()
+    assert "class RobustModel" in text or "RobustModel" in text
+    # The check can fail: a module that does not import, and an annotation
+    # that names nothing, are both reported.
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "broken_doc.py").write_text(
+        '"""A module."""\n\ndef f(x: "NoSuchType") -> int:\n    """Returns 1."""\n    return 1\n')
+    bad = subprocess.run([sys.executable, "-c", API_DOCS, str(tmp_path / "out"),
+                          str(tmp_path / "src" / "broken_doc.py")],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert bad.returncode == 1 and "NoSuchType" in bad.stdout, bad.stdout + bad.stderr
+
+
+def test_ci_runs_exactly_the_readmes_test_command():
+    """.ci/run's last line is the README's second command, character for character."""
+    blocks = re.findall(r"```bash\n(.*?)\n```", (REPO / "README.md").read_text(), re.S)
+    commands = [b.strip() for b in blocks if "apt-get" in b]
+    assert len(commands) == 2, commands
+    ci = [ln for ln in (REPO / ".ci" / "run").read_text().splitlines() if ln.strip()][-1]
+    assert ci.strip() == commands[1]
+    assert "python3 -m venv .venv" in commands[0] and "python3 -m venv .venv" in commands[1]

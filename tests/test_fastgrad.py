@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 from tensorflow.python.framework import ops
 
-from tf_backsmooth import attacks, fastgrad, objectives
+from tf_backsmooth import attacks, fastgrad, fused_bn, objectives
 
 
 def _numpy_input_grad(dy, kernel, input_hw, strides, padding):
@@ -76,8 +76,15 @@ def _registered():
     return ops._gradient_registry.lookup("Conv2D")  # pylint: disable=protected-access
 
 
+@pytest.fixture
+def forced_on(monkeypatch):
+    """The override on whatever the CPU rule says (it is off under TensorFlow's
+    Eigen kernels, where these tests also run: tests/test_cpu.py)."""
+    monkeypatch.setattr(fastgrad, "ENABLED", True)
+
+
 @pytest.mark.parametrize("mode", ["eager", "graph", "xla"])
-def test_attack_gradients_equal_tensorflows_and_the_override_is_scoped(mode):
+def test_attack_gradients_equal_tensorflows_and_the_override_is_scoped(mode, forced_on):
     model = _conv_model(1)
     rs = np.random.RandomState(0)
     x = tf.constant(rs.rand(8, 12, 12, 1).astype(np.float32))
@@ -116,7 +123,7 @@ def test_override_can_be_turned_off(monkeypatch):
     assert fastgrad.override_status().startswith("off")
 
 
-def test_override_is_reentrant_and_thread_safe():
+def test_override_is_reentrant_and_thread_safe(forced_on):
     original = _registered()
     entered, release = threading.Event(), threading.Event()
 
@@ -169,7 +176,7 @@ def test_a_foreign_registry_layout_turns_it_off_without_failing(monkeypatch):
     monkeypatch.setitem(table, "Conv2D", original)
 
 
-def test_describe_names_the_gradient_in_use(monkeypatch):
+def test_describe_names_the_gradient_in_use(monkeypatch, forced_on):
     assert fastgrad.describe().startswith("fastgrad: matmul + col2im under XLA")
     monkeypatch.setattr(fastgrad, "ENABLED", False)
     assert fastgrad.describe() == "tensorflow (fastgrad.ENABLED is False)"
@@ -187,15 +194,34 @@ def test_auto_leaves_accelerators_alone(monkeypatch):
     x = tf.constant(np.random.RandomState(0).rand(4, 12, 12, 1).astype(np.float32))
     attacks.input_gradient(model, x, lambda logits: tf.reduce_sum(logits, -1))
     assert not fastgrad._COMPILED
-    assert fastgrad.describe() == ("tensorflow (fastgrad.ENABLED is 'auto' and a GPU "
-                                   "is visible)")
+    assert fastgrad.describe() == ("tensorflow (auto: a GPU is visible (measured on CPUs "
+                                   "only))")
     monkeypatch.setattr(fastgrad, "ENABLED", True)  # forced on
     with fastgrad.input_gradient_override():
         assert _registered() is not before
 
 
+def test_auto_is_off_under_tensorflows_eigen_kernels(monkeypatch):
+    """Measured slower where TensorFlow runs without oneDNN (an AVX2 CPU whose
+    user set TF_ENABLE_ONEDNN_OPTS=0): ``"auto"`` keeps TF's gradient there,
+    and fused BatchNorm follows the same rule; with oneDNN both are on."""
+    monkeypatch.setattr(fastgrad, "accelerator", lambda: None)
+    monkeypatch.setattr(fastgrad.cpu, "onednn_in_use", lambda: True)
+    assert fastgrad.enabled() and fused_bn.enabled()
+    monkeypatch.setattr(fastgrad.cpu, "onednn_in_use", lambda: False)
+    assert not fastgrad.enabled() and not fused_bn.enabled()
+    before = _registered()
+    with fastgrad.input_gradient_override():
+        assert _registered() is before
+    assert fastgrad.describe() == ("tensorflow (auto: TensorFlow runs its Eigen kernels "
+                                   "(oneDNN off), where this measured slower)")
+    assert fused_bn.describe().startswith("keras (unfused: auto: TensorFlow runs its Eigen")
+    monkeypatch.setattr(fastgrad, "ENABLED", True)  # forced on
+    assert fastgrad.enabled()
+
+
 @pytest.mark.parametrize("mode", ["eager", "graph"])
-def test_filter_gradient_under_the_override_is_tensorflows(mode):
+def test_filter_gradient_under_the_override_is_tensorflows(mode, forced_on):
     """A gradient w.r.t. the kernel taken inside the scope (not what attacks
     do, but allowed) equals TensorFlow's, together with the input gradient."""
     rs = np.random.RandomState(4)

@@ -8,9 +8,18 @@ the objective in graph mode or XLA, on one device or under a
 
 The heavy submodules are imported lazily so that ``import tf_backsmooth`` is
 cheap and ``tf_backsmooth.config`` can be used without TensorFlow.
+
+Imported before TensorFlow, the package chooses TensorFlow's CPU kernel
+library for this CPU kind (:mod:`tf_backsmooth.cpu`: oneDNN on AVX2 CPUs,
+where TensorFlow leaves it off and it measured faster); a
+``TF_ENABLE_ONEDNN_OPTS`` set by the user always wins.
 """
 
+from tf_backsmooth import cpu as _cpu
+
 __version__ = "0.1.0"
+
+_cpu.choose()
 
 MIN_TENSORFLOW = (2, 16)
 

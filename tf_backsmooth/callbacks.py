@@ -96,7 +96,7 @@ class BestCheckpoint(keras.callbacks.Callback):
             return True
         if self.best_epoch is None or not os.path.exists(self.weights_path):
             return False  # without best.json the file was never selected
-        if (self._sha256 is not None  # (recorded since issue 15)
+        if (self._sha256 is not None  # (absent from older runs)
                 and fileio.sha256_file(self.weights_path) != self._sha256):
             log.warning("%s does not match the checksum in %s (damaged); "
                         "using the last weights instead", self.weights_path,

@@ -35,6 +35,11 @@ carved into train/validation, and (for :func:`make_dataset`) fed to one
    (``$KERAS_HOME/datasets`` or ``~/.keras/datasets``) and
    ``/usr/share/datasets`` (Debian's ``dataset-fashion-mnist`` package
    installs ``/usr/share/datasets/fashion-mnist/``).
+   MNIST is also read from Keras' own download, ``mnist.npz`` (what
+   ``keras.datasets.mnist.load_data()`` writes to ``~/.keras/datasets/``;
+   arrays ``x_train``, ``y_train``, ``x_test``, ``y_test``), in ``data_dir``
+   or in each of those roots themselves (the file name names the dataset).
+   Keras' Fashion-MNIST download is the IDX files in ``fashion-mnist/``.
 
 2. **tensorflow-datasets** (``tfds.builder(name, data_dir=data_dir)``) if its
    prepared copy exists. The network is never touched unless ``download=True``
@@ -94,6 +99,7 @@ import os
 import pickle
 import struct
 import tarfile
+import zipfile
 import zlib
 from pathlib import Path
 from typing import Callable, Optional
@@ -182,12 +188,15 @@ class _Layout:
     accepted names (e.g. with and without ``.gz``). ``archives`` are
     ``(archive name, folder inside the archive)`` pairs that hold the members.
     ``reader(info, blobs)`` turns the split's files into ``(x, y)``.
+    ``npz`` names Keras' single-file downloads (``x_train``, ``y_train``,
+    ``x_test``, ``y_test``), looked for in the search roots themselves.
     """
 
     folders: tuple
     members: dict
     reader: Callable
     archives: tuple = ()
+    npz: tuple = ()
 
 
 def _idx_members(prefix):
@@ -207,7 +216,7 @@ def _member_names(layout, split):
 def _layouts():
     idx = {"train": _idx_members("train"), "test": _idx_members("t10k")}
     return {
-        "mnist": _Layout(("mnist",), idx, _read_idx),
+        "mnist": _Layout(("mnist",), idx, _read_idx, npz=("mnist.npz",)),
         "fashion_mnist": _Layout(("fashion_mnist", "fashion-mnist"), idx, _read_idx),
         "cifar10": _Layout(
             ("cifar10", "cifar10/cifar-10-batches-py", "cifar-10-batches-py"),
@@ -254,6 +263,41 @@ class _FileBlob:
             ) from e
 
 
+class _NpzBlob:
+    """One split's arrays in a Keras ``.npz`` download."""
+
+    def __init__(self, path: Path, split: str):
+        self.path, self.split = path, split
+        self.where = f"{path} (x_{split}, y_{split})"
+
+    def stamp(self):
+        stat = self.path.stat()
+        return (self.where, stat.st_size, stat.st_mtime_ns)
+
+    def read_arrays(self):
+        names = (f"x_{self.split}", f"y_{self.split}")
+        try:
+            with np.load(self.path, allow_pickle=False) as npz:
+                missing = [n for n in names if n not in npz.files]
+                if not missing:
+                    return npz[names[0]], npz[names[1]]
+        except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as e:
+            raise DataError(
+                f"Cannot read {self.where}: {e}. The file is corrupt or truncated; "
+                "replace it with a fresh keras.datasets download."
+            ) from e
+        raise DataError(
+            f"{self.path} has no array {' or '.join(missing)}; Keras' download has x_train, "
+            "y_train, x_test and y_test. Replace it with a fresh keras.datasets download."
+        )
+
+
+def _read_npz(info, blobs):
+    (blob,) = blobs
+    x, y = blob.read_arrays()
+    return _checked(info, x, y, blob.where)
+
+
 class _TarBlob:
     """A member of a ``.tar.gz`` archive, read without extracting."""
 
@@ -280,18 +324,29 @@ class _TarBlob:
             ) from e
 
 
-def _search_folders(name, data_dir):
-    """Folders that may hold ``name``'s files, most specific first."""
-    layout = _layouts()[name]
+def _search_roots(data_dir):
+    """``[data_dir]``, or the default roots in order."""
     if data_dir is not None:
-        root = Path(data_dir).expanduser().absolute()
-        return [root / sub for sub in layout.folders] + [root]
+        return [Path(data_dir).expanduser().absolute()]
     roots = []
     if os.environ.get(DATA_DIR_ENV):
         roots.append(Path(os.environ[DATA_DIR_ENV]).expanduser())
     keras_home = os.environ.get("KERAS_HOME") or os.path.join("~", ".keras")
     roots += [Path(keras_home).expanduser() / "datasets", Path("/usr/share/datasets")]
-    return [root.absolute() / sub for root in roots for sub in layout.folders]
+    return [root.absolute() for root in roots]
+
+
+def _search_folders(name, data_dir):
+    """Folders that may hold ``name``'s files, most specific first."""
+    layout = _layouts()[name]
+    roots = _search_roots(data_dir)
+    folders = [root / sub for root in roots for sub in layout.folders]
+    return folders + roots if data_dir is not None else folders
+
+
+def _npz_files(name, data_dir):
+    """Where a Keras ``.npz`` download of ``name`` may be, in order."""
+    return [root / n for root in _search_roots(data_dir) for n in _layouts()[name].npz]
 
 
 def _find_split(layout, folder, split):
@@ -329,6 +384,9 @@ def _locate(name, data_dir, split):
             return blobs
         if present and partial is None:
             partial = (folder, present)
+    npz = next((f for f in _npz_files(name, data_dir) if f.is_file()), None)
+    if npz is not None:
+        return [_NpzBlob(npz, split)]
     if partial:
         folder, present = partial
         raise DataError(
@@ -357,10 +415,13 @@ def _describe_search(name, data_dir):
     names = _member_names(layout, "train") + _member_names(layout, "test")
     archives = [archive for archive, _ in layout.archives]
     folders = "\n".join(f"  {f}" for f in _search_folders(name, data_dir))
+    npz = "".join(f"\n  {f}" for f in _npz_files(name, data_dir))
     return (
         f"Looked for the canonical {name} files {names}"
         + (f" or the archive {archives}" if archives else "")
         + f" in:\n{folders}"
+        + (f"\nand for Keras' download (keras.datasets.{name}.load_data()) at:{npz}"
+           if npz else "")
     )
 
 
@@ -563,7 +624,7 @@ def _load_official(info, split, data_dir, download):
         key, load = _tfds_source(info, split, data_dir, download)
     else:
         key = (info.name, split, "files") + tuple(b.stamp() for b in blobs)
-        reader = _layouts()[info.name].reader
+        reader = _read_npz if isinstance(blobs[0], _NpzBlob) else _layouts()[info.name].reader
         load = lambda: reader(info, blobs)  # noqa: E731
     return _cached(key, load)
 

@@ -27,8 +27,10 @@ while it is open (reentrant and thread-safe: MirroredStrategy traces its
 replicas in threads; the entry is restored when the last one leaves). The
 registry is private to TensorFlow: if its layout is not the one expected,
 the context does nothing and logs why once (``override_status()``).
-:data:`ENABLED` is ``"auto"`` by default: on when TensorFlow sees no GPU or
-TPU (only CPUs were measured); ``True`` or ``False`` forces it.
+:data:`ENABLED` is ``"auto"`` by default: on where it measured faster, a
+CPU on which TensorFlow runs oneDNN's kernels (:func:`kernel_rule`: off with
+a GPU or TPU, and off under TensorFlow's Eigen kernels, where it measured
+slower); ``True`` or ``False`` forces it.
 """
 
 from __future__ import annotations
@@ -39,9 +41,10 @@ import threading
 import tensorflow as tf
 from absl import logging
 
+from tf_backsmooth import cpu
+
 #: Whether :func:`input_gradient_override` swaps the gradient in: True,
-#: False, or ``"auto"`` (the default): only when no GPU or TPU is visible, as
-#: it was measured on CPUs only (cuDNN's kernel is another story).
+#: False, or ``"auto"`` (the default): :func:`kernel_rule`.
 ENABLED = "auto"
 #: Convolutions with at most this many input channels take the fast path
 #: (measured faster at 1 and 3, slower at 16 and more).
@@ -218,16 +221,33 @@ def accelerator():
     return None
 
 
-def _enabled():
+def kernel_rule():
+    """``(on, why)`` for the project's CPU kernels under ``"auto"`` (this
+    module's input gradient and :mod:`tf_backsmooth.fused_bn`): on a CPU whose
+    TensorFlow runs oneDNN's kernels, where both measured faster; off with a
+    GPU or TPU (never measured there) and under TensorFlow's Eigen kernels
+    (oneDNN off), where they measured slower (BUILD_NOTES.md, "CPU kernels")."""
+    kind = accelerator()
+    if kind is not None:
+        return False, f"a {kind} is visible (measured on CPUs only)"
+    if cpu.onednn_in_use() is False:
+        return False, ("TensorFlow runs its Eigen kernels (oneDNN off), where this "
+                       "measured slower")
+    return True, "CPU with oneDNN kernels, where this measured faster"
+
+
+def enabled():
+    """Whether :func:`input_gradient_override` swaps the gradient in (reads
+    :data:`ENABLED`)."""
     if ENABLED == "auto":
-        return accelerator() is None
+        return kernel_rule()[0]
     return bool(ENABLED)
 
 
 @contextlib.contextmanager
 def input_gradient_override():
     """Gradients taken inside use :func:`conv2d_input_grad` where it is faster."""
-    if not _enabled() or not _OVERRIDE.enter():
+    if not enabled() or not _OVERRIDE.enter():
         yield
         return
     try:
@@ -238,7 +258,7 @@ def input_gradient_override():
 
 def describe():
     """One line for run manifests: which Conv2D input gradient attacks use."""
-    if not _enabled():
+    if not enabled():
         return "tensorflow (" + _off_reason() + ")"
     status = _OVERRIDE.status
     if status is not None and status != "on":
@@ -249,12 +269,12 @@ def describe():
 
 def override_status():
     """``"on"``, ``"off: <reason>"``, or ``"not used yet"``."""
-    if not _enabled():
+    if not enabled():
         return "off: " + _off_reason()
     return _OVERRIDE.status or "not used yet"
 
 
 def _off_reason():
     if ENABLED == "auto":
-        return f"fastgrad.ENABLED is 'auto' and a {accelerator()} is visible"
+        return "auto: " + kernel_rule()[1]
     return "fastgrad.ENABLED is False"

@@ -30,8 +30,9 @@ the last axis (or 4-D bfloat16 inputs of a ``mixed_bfloat16`` layer),
 ``call`` set on the instance by someone else; anything else falls back to
 Keras' code at call time.
 
-:data:`ENABLED` is ``"auto"`` by default: on when TensorFlow sees no GPU or
-TPU (only CPUs were measured); ``True`` or ``False`` forces it.
+:data:`ENABLED` is ``"auto"`` by default: ``fastgrad.kernel_rule`` (on a CPU
+whose TensorFlow runs oneDNN's kernels, where it measured faster);
+``True`` or ``False`` forces it.
 """
 
 from __future__ import annotations
@@ -46,13 +47,13 @@ import tensorflow as tf
 from tf_backsmooth import fastgrad
 
 #: Whether :func:`training_override` fuses: True, False, or ``"auto"`` (the
-#: default): only when no GPU or TPU is visible (measured on CPUs only).
+#: default): ``fastgrad.kernel_rule``.
 ENABLED = "auto"
 
 _KERAS_CALL = keras.layers.BatchNormalization.call
 
 # (input dtype, layer compute dtype) pairs that are fused: float32, and
-# bfloat16 under the "mixed_bfloat16" policy (session 15: the kernel takes
+# bfloat16 under the "mixed_bfloat16" policy (the kernel takes
 # bfloat16 inputs with float32 statistics, scale and offset, as Keras
 # computes them after its upcast). float16 was not measured: Keras' code.
 _FUSED_DTYPES = {("float32", "float32"), ("bfloat16", "bfloat16")}
@@ -61,7 +62,7 @@ _FUSED_DTYPES = {("float32", "float32"), ("bfloat16", "bfloat16")}
 def enabled():
     """Whether :func:`training_override` fuses (reads :data:`ENABLED`)."""
     if ENABLED == "auto":
-        return fastgrad.accelerator() is None
+        return fastgrad.kernel_rule()[0]
     return bool(ENABLED)
 
 
@@ -183,6 +184,6 @@ def describe():
     """One line for run manifests: how training-mode BatchNorm is computed."""
     if enabled():
         return "fused (FusedBatchNormV3) in the training step's training-mode calls"
-    reason = (f"fused_bn.ENABLED is 'auto' and a {fastgrad.accelerator()} is visible"
-              if ENABLED == "auto" else "fused_bn.ENABLED is False")
+    reason = ("auto: " + fastgrad.kernel_rule()[1] if ENABLED == "auto"
+              else "fused_bn.ENABLED is False")
     return f"keras (unfused: {reason})"

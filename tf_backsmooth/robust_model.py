@@ -34,7 +34,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_backsmooth import attacks, fused_bn, objectives, rng, schedules
+from tf_backsmooth import attacks, cpu, fastgrad, fused_bn, objectives, rng, schedules
 from tf_backsmooth import methods as methods_lib
 
 log = logging.getLogger("tf_backsmooth")
@@ -412,6 +412,9 @@ class RobustModel(keras.Model):
         self._step_fn = None
         log.info("RobustModel(%s): XLA for the per-replica step: %s (%s)",
                  self.method_name, "on" if self.xla else "off", self.xla_reason)
+        log.info("RobustModel(%s): %s; attack Conv2D input gradient: %s; training "
+                 "BatchNorm: %s", self.method_name, cpu.summary(), fastgrad.describe(),
+                 fused_bn.describe() if not self.batch_independent else "no BatchNorm layer")
 
     @property
     def xla(self):

@@ -30,7 +30,7 @@ import time
 import numpy as np
 
 from tf_backsmooth import config as config_lib
-from tf_backsmooth import fileio
+from tf_backsmooth import cpu, fileio
 
 log = logging.getLogger("tf_backsmooth")
 
@@ -50,16 +50,16 @@ def _config_payload(config):
     # Fields that may change between a run and its resumption.
     for key in ("verbose", "overwrite"):
         payload.pop(key, None)
-    # Added in session 10: absent when unused, so runs started before resume.
+    # Added after 0.1.0 (lr_boundaries, failure_warmup_gap, failure_rollback):
+    # absent when unused, so runs started before resume.
     if not payload.get("lr_boundaries"):
         payload.pop("lr_boundaries", None)
     if payload.get("failure_warmup_gap") == 1.0:
         payload.pop("failure_warmup_gap", None)
     if not payload.get("failure_rollback"):
         payload.pop("failure_rollback", None)
-    # Added in session 13: absent at their defaults, so earlier runs resume.
-    # Added in session 14: failure_pgd_steps; session 16: test_autoattack_examples;
-    # session 17: failure_overestimate_gap.
+    # Added later still, one at a time: absent at their defaults, so runs
+    # started before each of them resume.
     for key, default in (("failure_data", "validation"), ("failure_examples", 1000),
                          ("failure_from_epoch", 0), ("failure_pgd_steps", 0),
                          ("test_autoattack_examples", 0), ("failure_overestimate_gap", 1.0)):
@@ -320,31 +320,13 @@ def build_model(config, info, steps_per_epoch=None):
                        **dict(config.method_kwargs))
 
 
-BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
-
-
-def cpu_bfloat16_units(cpuinfo="/proc/cpuinfo"):
-    """The bfloat16 instruction sets the CPU reports (of :data:`BF16_CPU_FLAGS`,
-    read from the first ``flags`` line of ``cpuinfo``); None when that file
-    cannot be read (not Linux)."""
-    try:
-        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[-1].split())
-                    return [u for u in BF16_CPU_FLAGS if u in flags]
-    except OSError:
-        return None
-    return []
-
-
 def bfloat16_warning(dtype_policy, units, accelerator):
     """A warning (or None) for ``mixed_bfloat16`` on a CPU that reports no
     bfloat16 units (``units == []``; None = unknown: no warning)."""
     if dtype_policy != "mixed_bfloat16" or accelerator is not None or units != []:
         return None
     return ("--dtype_policy=mixed_bfloat16 on a CPU that reports no bfloat16 units "
-            f"({' / '.join(BF16_CPU_FLAGS)} absent from /proc/cpuinfo): its bfloat16 "
+            f"({' / '.join(cpu.BF16_FLAGS)} absent from /proc/cpuinfo): its bfloat16 "
             "matrix products are not native here, so this may train slower than float32 "
             "(the measured 2-2.6x gains were on a CPU with AMX). Time both first: python "
             "bench/vs_pytorch.py --precisions=float32,bfloat16")
@@ -354,7 +336,7 @@ def manifest(config, model, strategy_name, num_replicas):
     import keras
     import tensorflow as tf
 
-    from tf_backsmooth import __version__, fastgrad, fused_bn
+    from tf_backsmooth import __version__, cpu, fastgrad, fused_bn
 
     return {
         "tf_backsmooth": __version__,
@@ -371,7 +353,8 @@ def manifest(config, model, strategy_name, num_replicas):
         "training_batchnorm": (fused_bn.describe() if not model.batch_independent
                                else "no BatchNorm layer"),
         "dtype_policy": config.dtype_policy,
-        "cpu_bfloat16_units": cpu_bfloat16_units(),
+        "cpu_bfloat16_units": cpu.bfloat16_units(cpu.cpu_flags()),
+        "cpu_kernels": cpu.describe(),
         "seed": config.seed,
         "method": config.method,
         "params": config_lib.as_dict(model.params),
@@ -787,7 +770,7 @@ def _run(config, strategy, is_chief, flags_text):
     distribute.check_batch_size(config.batch_size, num_replicas)
     keras.config.set_dtype_policy(config.dtype_policy)
     from tf_backsmooth import fastgrad
-    bf16_note = bfloat16_warning(config.dtype_policy, cpu_bfloat16_units(),
+    bf16_note = bfloat16_warning(config.dtype_policy, cpu.bfloat16_units(cpu.cpu_flags()),
                                  fastgrad.accelerator())
     if bf16_note and is_chief:
         log.warning("%s", bf16_note)
