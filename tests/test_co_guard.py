@@ -284,7 +284,7 @@ def test_params_change_needs_retrace():
     model.params = dataclasses.replace(model.params, step_size=0.08)
     stale = model.train_on_batch(x, y, return_dict=True)["loss"]
     np.testing.assert_allclose(stale, first, rtol=1e-6)   # not retraced
-    co_guard.retrace(model)
+    model.retrace()
     new = model.train_on_batch(x, y, return_dict=True)["loss"]
     np.testing.assert_allclose(new, _fgsm_loss(w, b, x, y, 0.2, 0.08),
                                rtol=1e-5)

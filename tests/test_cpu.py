@@ -11,6 +11,7 @@ import pytest
 from conftest import REPO
 
 from tf_backsmooth import cpu
+from tf_backsmooth import run_dir as run_dir_lib
 
 VNNI = frozenset({"avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"})
 AVX2 = frozenset({"sse4_2", "avx", "avx2", "fma", "f16c"})
@@ -58,20 +59,18 @@ def test_bfloat16_policy_warns_on_a_cpu_without_bfloat16_units(tmp_path):
     """The bfloat16 units come from the cpuinfo flags line; mixed_bfloat16 on
     a CPU reporting none warns (with the benchmark to run), not when it
     reports one, not for other policies, on an accelerator, or when unknown."""
-    from tf_backsmooth import train_lib
-
     amx, plain = tmp_path / "amx", tmp_path / "plain"
     amx.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_tile amx_bf16\n")
     plain.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f\n")
     assert cpu.bfloat16_units(cpu.cpu_flags(str(amx))) == ["amx_bf16", "avx512_bf16"]
     assert cpu.bfloat16_units(cpu.cpu_flags(str(plain))) == []
     assert cpu.bfloat16_units(cpu.cpu_flags(str(tmp_path / "missing"))) is None
-    warning = train_lib.bfloat16_warning("mixed_bfloat16", [], None)
+    warning = cpu.bfloat16_warning("mixed_bfloat16", [], None)
     assert "no bfloat16 units" in warning and "--precisions=float32,bfloat16" in warning
-    assert train_lib.bfloat16_warning("mixed_bfloat16", ["amx_bf16"], None) is None
-    assert train_lib.bfloat16_warning("float32", [], None) is None
-    assert train_lib.bfloat16_warning("mixed_bfloat16", [], "GPU") is None
-    assert train_lib.bfloat16_warning("mixed_bfloat16", None, None) is None
+    assert cpu.bfloat16_warning("mixed_bfloat16", ["amx_bf16"], None) is None
+    assert cpu.bfloat16_warning("float32", [], None) is None
+    assert cpu.bfloat16_warning("mixed_bfloat16", [], "GPU") is None
+    assert cpu.bfloat16_warning("mixed_bfloat16", None, None) is None
 
 
 def _fresh(code, tmp_path, flags, **env):
@@ -133,12 +132,11 @@ def test_manifest_records_the_cpu_kernels():
     import keras
 
     from tf_backsmooth import config as config_lib
-    from tf_backsmooth import train_lib
     from tf_backsmooth.robust_model import RobustModel
 
     base = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
     model = RobustModel(base, epsilon=0.1)
-    entry = train_lib.manifest(config_lib.TrainConfig(), model, "default", 1)["cpu_kernels"]
+    entry = run_dir_lib.manifest(config_lib.TrainConfig(), model, "default", 1)["cpu_kernels"]
     flags = cpu.cpu_flags()
     assert entry["isa"] == cpu.isa(flags)
     assert set(entry["flags"]) <= set(cpu.REPORTED_FLAGS) and set(entry["flags"]) <= flags

@@ -18,6 +18,7 @@ import tensorflow as tf
 from conftest import MODES, REPO, run_in_mode, shared_data_dir
 from toy_cnn import trained_small_cnn
 
+from tf_backsmooth import attacks
 from tf_backsmooth import evaluation as ev
 
 EVALUATE = REPO / "bin" / "evaluate"
@@ -83,10 +84,10 @@ def _paper_checkpoints(n):
 
 
 def test_apgd_checkpoints_match_formula():
-    assert ev.apgd_checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
+    assert attacks.apgd_checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
     for n in (1, 2, 5, 10, 20, 37, 50, 100, 250, 1000):
-        assert ev.apgd_checkpoints(n) == _paper_checkpoints(n), n
-    assert ev.apgd_checkpoints(0) == []
+        assert attacks.apgd_checkpoints(n) == _paper_checkpoints(n), n
+    assert attacks.apgd_checkpoints(0) == []
 
 
 D, H, C, B = 40, 32, 5, 16
@@ -189,7 +190,7 @@ def test_apgd_matches_numpy_reference(mlp, mode, loss):
     _, z = _mlp_np(params, x)
     targets = np.argsort(-(z - 1e9 * ref.onehot(y, C)), axis=1)[:, 0]
     tt = tf.constant(targets) if loss != "ce" else None
-    out = run_in_mode(lambda: ev.apgd(fn, x, y, eps, steps, loss=loss, targets=tt,
+    out = run_in_mode(lambda: attacks.apgd(fn, x, y, eps, steps, loss=loss, targets=tt,
                                       init_noise=noise), mode)
     x_ref, robust_ref, eta_ref, gap = _np_apgd(params, x, y, eps, steps, noise, loss,
                                                targets)
@@ -205,12 +206,12 @@ def test_target_classes_and_dlr_losses():
     z = np.array([[3.0, 1.0, 2.0, 0.5, -1.0], [0.0, 4.0, 1.0, 2.0, 3.0]], np.float32)
     y = np.array([0, 4])
     for rank, expected in [(1, [2, 1]), (2, [1, 3]), (4, [4, 0])]:
-        np.testing.assert_array_equal(ev.target_classes(y, z, rank).numpy(), expected)
+        np.testing.assert_array_equal(attacks.target_classes(y, z, rank).numpy(), expected)
     # dlr: -(z_y - max_{i != y} z_i) / (z_1 - z_3)
-    np.testing.assert_allclose(ev.dlr_loss(y, z).numpy(),
+    np.testing.assert_allclose(attacks.dlr_loss(y, z).numpy(),
                                [-(3 - 2) / (3 - 1), -(3 - 4) / (4 - 2)], rtol=1e-6)
     t = np.array([3, 0])
-    np.testing.assert_allclose(ev.dlr_targeted_loss(y, t, z).numpy(),
+    np.testing.assert_allclose(attacks.dlr_targeted_loss(y, t, z).numpy(),
                                [-(3 - 0.5) / (3 - 0.5 * (1 + 0.5)),
                                 -(3 - 0) / (4 - 0.5 * (2 + 1))], rtol=1e-6)
 
@@ -218,7 +219,7 @@ def test_target_classes_and_dlr_losses():
 def test_apgd_halves_at_every_checkpoint_on_a_flat_loss():
     x = np.random.RandomState(0).uniform(0, 1, (4, 3)).astype(np.float32)
     flat = lambda v: tf.zeros([tf.shape(v)[0], 5]) + 0.0 * v[:, :1]  # noqa: E731
-    out = ev.apgd(flat, x, np.zeros(4, np.int64), 0.2, 100, seed=1)
+    out = attacks.apgd(flat, x, np.zeros(4, np.int64), 0.2, 100, seed=1)
     np.testing.assert_allclose(out.step_size.numpy(), 0.4 / 2 ** 8)
 
 

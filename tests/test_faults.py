@@ -17,6 +17,7 @@ from conftest import shared_data_dir
 
 from tf_backsmooth import config as config_lib
 from tf_backsmooth import fileio, train_lib
+from tf_backsmooth import run_dir as run_dir_lib
 
 pytestmark = pytest.mark.slow
 
@@ -195,7 +196,7 @@ def test_a_write_failing_at_every_write_point_resumes_to_the_same_results(
             return real(fd, data)
 
         monkeypatch.setattr(fileio, "_write_all", flaky)
-        with pytest.raises((OSError, train_lib.RunError)) as err:
+        with pytest.raises((OSError, run_dir_lib.RunError)) as err:
             train_lib.run(_config(run_dir))
         monkeypatch.setattr(fileio, "_write_all", real)
         assert "No space left on device" in str(err.value), n
@@ -243,13 +244,13 @@ def test_damaged_checkpoints_fall_back_or_stop_with_one_line(reference, tmp_path
     raw = bytearray((backup / "epoch-1.npz").read_bytes())
     raw[len(raw) // 2] ^= 0xFF  # one flipped byte: same size, wrong content
     (backup / "epoch-1.npz").write_bytes(bytes(raw))
-    with pytest.raises(train_lib.RunError) as err:
+    with pytest.raises(run_dir_lib.RunError) as err:
         train_lib.run(_config(tmp_path / "c"))
     message = str(err.value)
     assert "\n" not in message and "epoch-2.npz" in message and "epoch-1.npz" in message
     assert "delete that folder" in message
     (backup / "training_metadata.json").unlink()  # no checksums: the CRC catches it
-    with pytest.raises(train_lib.RunError, match="epoch-1.npz"):
+    with pytest.raises(run_dir_lib.RunError, match="epoch-1.npz"):
         train_lib.run(_config(tmp_path / "c"))
 
 
@@ -291,15 +292,16 @@ def _poison_at(monkeypatch, poisoned_epoch):
     original = train_lib.make_callbacks
 
     def with_poison(*args, **kwargs):
-        out, guard = original(*args, **kwargs)
-        return [Poison()] + out, guard
+        hooks = original(*args, **kwargs)
+        hooks.all.insert(0, Poison())
+        return hooks
 
     monkeypatch.setattr(train_lib, "make_callbacks", with_poison)
 
 
 def test_nan_before_any_epoch_exports_nothing(tmp_path, monkeypatch):
     _poison_at(monkeypatch, 0)
-    with pytest.raises(train_lib.RunError, match="before any epoch completed") as err:
+    with pytest.raises(run_dir_lib.RunError, match="before any epoch completed") as err:
         train_lib.run(_config(tmp_path))
     assert "nothing exported" in str(err.value)
     assert not (tmp_path / "model.keras").exists() and not (tmp_path / "results.json").exists()

@@ -9,6 +9,7 @@ import tensorflow as tf
 from conftest import MODES, run_in_mode, two_replica_strategy
 
 from tf_backsmooth import fused_bn
+from tf_backsmooth import run_dir as run_dir_lib
 from tf_backsmooth.robust_model import RobustModel
 
 EPS = 1e-5
@@ -282,14 +283,13 @@ def test_two_replicas_fused_equal_two_replicas_keras(monkeypatch):
 
 def test_run_manifest_says_how_training_batchnorm_ran(monkeypatch):
     from tf_backsmooth import config as config_lib
-    from tf_backsmooth import train_lib
 
     model = RobustModel(_bn_model(), epsilon=0.1)
     config = config_lib.TrainConfig()
-    entry = train_lib.manifest(config, model, "default", 1)["training_batchnorm"]
+    entry = run_dir_lib.manifest(config, model, "default", 1)["training_batchnorm"]
     assert entry.startswith("fused (FusedBatchNormV3)")
     monkeypatch.setattr(fused_bn, "ENABLED", False)
-    entry = train_lib.manifest(config, model, "default", 1)["training_batchnorm"]
+    entry = run_dir_lib.manifest(config, model, "default", 1)["training_batchnorm"]
     assert entry == "keras (unfused: fused_bn.ENABLED is False)"
 
 

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_backsmooth import attacks, objectives, robust_model
-from tf_backsmooth.robust_model import RobustModel, resolve_xla
+from tf_backsmooth import attacks, objectives, xla_plan
+from tf_backsmooth.robust_model import RobustModel
+from tf_backsmooth.xla_plan import resolve_xla
 
 
 def _cnn(seed=0, dropout=False, batchnorm=False):
@@ -127,16 +128,16 @@ def test_auto_xla_rule_on_cpu():
     for steps in (1, attacks.UNROLL_MAX_STEPS):
         used, why = resolve_xla("auto", batch_norm=True, attack_steps=steps)
         assert used is False and "until XLA and graph mode are timed" in why
-        assert robust_model.xla_needs_measurement("auto", batch_norm=True,
+        assert xla_plan.xla_needs_measurement("auto", batch_norm=True,
                                                   attack_steps=steps)
-    assert not robust_model.xla_needs_measurement(True, batch_norm=True,
+    assert not xla_plan.xla_needs_measurement(True, batch_norm=True,
                                                   attack_steps=1)
     for kw in ({"batch_norm": False, "attack_steps": 1},
                {"batch_norm": True, "attack_steps": 0},
                {"batch_norm": True, "attack_steps": attacks.UNROLL_MAX_STEPS + 1}):
         used, why = resolve_xla("auto", **kw)
         assert used is False and why.startswith("auto: CPU"), (kw, why)
-        assert not robust_model.xla_needs_measurement("auto", **kw)
+        assert not xla_plan.xla_needs_measurement("auto", **kw)
     plain = RobustModel(_cnn(), method="backward_smoothing", epsilon=0.1)
     plain.compile(optimizer="sgd")
     assert not plain.xla and "no BatchNorm" in plain.xla_reason
@@ -158,7 +159,7 @@ def test_measure_xla_keeps_the_faster_mode(monkeypatch, xla_ms, graph_ms, expect
     keeps XLA only when it wins by XLA_MARGIN, and remembers the decision
     for the method and attack length through set_params."""
     calls = []
-    monkeypatch.setattr(robust_model, "_timed", _fake_timer(xla_ms, graph_ms, calls))
+    monkeypatch.setattr(xla_plan, "timed", _fake_timer(xla_ms, graph_ms, calls))
     x, y = _data(16)
     bn = RobustModel(_cnn(batchnorm=True), method="backward_smoothing", epsilon=0.1)
     bn.compile(optimizer="sgd")

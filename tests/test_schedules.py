@@ -109,27 +109,25 @@ def _lr_at(schedule, steps):
 
 
 def test_piecewise_default_divides_by_ten_at_half_and_three_quarters():
-    from tf_backsmooth import train_lib
 
     config = config_lib.TrainConfig(epochs=4, lr=1.0, lr_schedule="piecewise")
-    schedule = train_lib.make_schedule(config, steps_per_epoch=10)  # 40 steps
+    schedule = schedules.learning_rate(config, steps_per_epoch=10)  # 40 steps
     # PiecewiseConstantDecay: values[i] while step <= boundaries[i].
     assert _lr_at(schedule, [0, 20, 21, 30, 31, 39]) == pytest.approx(
         [1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
 
 
 def test_piecewise_boundaries_are_epochs():
-    from tf_backsmooth import train_lib
 
     config = config_lib.TrainConfig(epochs=4, lr=1e-3, lr_schedule="piecewise",
                                     lr_boundaries=[2.5])
     assert config.lr_boundaries == (2.5,)
-    schedule = train_lib.make_schedule(config, steps_per_epoch=10)
+    schedule = schedules.learning_rate(config, steps_per_epoch=10)
     assert _lr_at(schedule, [0, 25, 26, 39]) == pytest.approx(
         [1e-3, 1e-3, 1e-4, 1e-4])
     three = config_lib.TrainConfig(epochs=4, lr=1.0, lr_boundaries=(1, 2.0, 2.04))
     # 2.0 and 2.04 epochs both round to step 20: the second moves to step 21.
-    schedule = train_lib.make_schedule(three, steps_per_epoch=10)
+    schedule = schedules.learning_rate(three, steps_per_epoch=10)
     assert _lr_at(schedule, [10, 11, 20, 21, 22]) == pytest.approx(
         [1.0, 0.1, 0.1, 0.01, 0.001])
 

@@ -14,6 +14,8 @@ from conftest import REPO, shared_data_dir
 
 from tf_backsmooth import config as config_lib
 from tf_backsmooth import flags as tbs_flags
+from tf_backsmooth import health
+from tf_backsmooth import run_dir as run_dir_lib
 
 # In-process flag and helper tests are fast; every test that runs bin/train (or
 # another interpreter) is marked slow.
@@ -456,26 +458,24 @@ def test_co_guard_run_through_bin_train(tmp_path, mnist_dir):
 
 def test_robustness_gap_warning(tmp_path):
     """A run that beats its own training attack but not PGD says so."""
-    from tf_backsmooth import train_lib
 
-    assert train_lib.robustness_gap_warning(str(tmp_path), 0.5) is None  # no metrics yet
+    assert health.robustness_gap_warning(str(tmp_path), 0.5) is None  # no metrics yet
     lines = [{"epoch": 1, "adv_accuracy": 0.5}, {"epoch": 2, "adv_accuracy": 0.9}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    assert train_lib.robustness_gap_warning(str(tmp_path), 0.85) is None  # healthy (gap 5)
-    warning = train_lib.robustness_gap_warning(str(tmp_path), 0.31)  # like a failed BS seed
+    assert health.robustness_gap_warning(str(tmp_path), 0.85) is None  # healthy (gap 5)
+    warning = health.robustness_gap_warning(str(tmp_path), 0.31)  # like a failed BS seed
     assert "90.0 %" in warning and "31.0 %" in warning and "epsilon_warmup_epochs" in warning
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "loss": 0.1}) + "\n")
-    assert train_lib.robustness_gap_warning(str(tmp_path), 0.0) is None  # natural training
+    assert health.robustness_gap_warning(str(tmp_path), 0.0) is None  # natural training
 
 
 def test_overestimate_warning():
     """PGD more than 10 points above autoattack_lite on the same images is called out."""
-    from tf_backsmooth import train_lib
 
-    assert train_lib.overestimate_warning(0.85, 0.79, 1000, 20) is None  # a healthy BS run
-    assert train_lib.overestimate_warning(0.5, 0.4, 1000, 20) is None  # 10 points: not more
+    assert health.overestimate_warning(0.85, 0.79, 1000, 20) is None  # a healthy BS run
+    assert health.overestimate_warning(0.5, 0.4, 1000, 20) is None  # 10 points: not more
     # N-FGSM with the BS flagfile, seed 1: PGD-20 and autoattack_lite on the same 1000 images.
-    warning = train_lib.overestimate_warning(0.456, 0.345, 1000, 20)
+    warning = health.overestimate_warning(0.456, 0.345, 1000, 20)
     assert "45.6 %" in warning and "34.5 %" in warning and "11.1 points" in warning
     assert "first 1000 test images" in warning and "PGD-20" in warning
 
@@ -490,7 +490,6 @@ def test_final_autoattack_sees_through_masked_gradients(scale):
     example, and the final check warns."""
     import tensorflow as tf
 
-    from tf_backsmooth import train_lib
 
     n = 64
     y = np.arange(n) % 4
@@ -504,7 +503,7 @@ def test_final_autoattack_sees_through_masked_gradients(scale):
 
     pgd = evaluation.evaluate(model, x, y, [0.11], attacks=("pgd",), pgd_steps=20, seed=0,
                               per_example=True)
-    record, warning = train_lib.final_autoattack(model, x, y, 0.11, train_lib.pgd_verdicts(pgd),
+    record, warning = health.final_autoattack(model, x, y, 0.11, health.pgd_verdicts(pgd),
                                                  examples=1000, pgd_steps=20, seed=0)
     assert record["test_examples"] == n and record["clean_accuracy"] == 1.0
     assert record["autoattack_lite_accuracy"] == 0.0 and record["robust_accuracy"] == 0.0
@@ -519,10 +518,9 @@ def test_final_autoattack_sees_through_masked_gradients(scale):
 def test_config_json_omits_the_final_autoattack_when_off():
     """Runs started before --test_autoattack_examples existed have no such key in
     config.json, so they resume; a run that sets it records it."""
-    from tf_backsmooth import train_lib
 
-    assert "test_autoattack_examples" not in train_lib._config_payload(_parse())
-    assert train_lib._config_payload(_parse("--test_autoattack_examples=1000"))[
+    assert "test_autoattack_examples" not in run_dir_lib.config_payload(_parse())
+    assert run_dir_lib.config_payload(_parse("--test_autoattack_examples=1000"))[
         "test_autoattack_examples"] == 1000
 
 
@@ -572,7 +570,7 @@ def test_bs_flagfile_schedule_is_the_recipe_its_header_states():
         2, 0.2, 0.25, False)
     steps = train_lib.steps_per_epoch(60_000 - 1000, c.batch_size)
     assert steps == 460
-    lr = train_lib.make_schedule(c, steps)
+    lr = schedules.learning_rate(c, steps)
     assert [float(lr(s)) for s in (0, 1150, 1151, 4 * steps - 1)] == pytest.approx(
         [1e-3, 1e-3, 1e-4, 1e-4])
     assert schedules.warmup_steps(c.epsilon_warmup_epochs, steps) == 920
@@ -654,16 +652,15 @@ def test_failure_data_train_needs_no_validation_split():
 def test_failure_pgd_steps_sets_the_training_image_check_attack():
     """--failure_pgd_steps is the PGD-k of the --failure_data=train check (0: the
     eval_pgd_steps default); with a validation split it is rejected by name."""
-    from tf_backsmooth import train_lib
 
     train = (np.zeros((50, 4, 4, 1), np.uint8), np.arange(50) % 10)
     base = ("--failure_restarts=2", "--failure_data=train", "--validation_size=0",
             "--eval_every=0")
     c = _parse(*base, "--eval_pgd_steps=7")
     assert c.failure_pgd_steps == 0
-    assert train_lib.make_failure_detector(c, train).pgd_steps == 7
+    assert health.make_failure_detector(c, train).pgd_steps == 7
     c = _parse(*base, "--eval_pgd_steps=7", "--failure_pgd_steps=20")
-    detector = train_lib.make_failure_detector(c, train)
+    detector = health.make_failure_detector(c, train)
     assert detector.pgd_steps == 20 and len(detector.y) == 50
     with pytest.raises(config_lib.ConfigError, match="failure_pgd_steps"):
         _parse("--failure_restarts=2", "--failure_pgd_steps=20")
@@ -733,7 +730,6 @@ def test_failure_detector_fails_a_run_whose_pgd_overestimates_autoattack_lite(sc
     import keras
 
     from tf_backsmooth import callbacks as cb
-    from tf_backsmooth import train_lib
     from tf_backsmooth.robust_model import RobustModel
 
     n = 64
@@ -762,7 +758,7 @@ def test_failure_detector_fails_a_run_whose_pgd_overestimates_autoattack_lite(sc
     assert failed is not None and detector.model.stop_training
     assert failed["train_autoattack_accuracy"] == 0.0
     assert failed["overestimated"] == (scale > 1)
-    text = train_lib.describe_failure(failed)
+    text = health.describe_failure(failed)
     assert "0.0 % under autoattack_lite on the same images" in text
     assert ("gradient masking" in text) == (scale > 1)
     plain, logs = judged(None)
@@ -770,7 +766,7 @@ def test_failure_detector_fails_a_run_whose_pgd_overestimates_autoattack_lite(sc
     if scale > 1:
         assert logs["failure_robust_accuracy"] > 0.9 and plain.failed is None
         assert plain.robust_accuracy() > 0.9
-        assert "autoattack_lite" not in train_lib.describe_failure(
+        assert "autoattack_lite" not in health.describe_failure(
             {"adv_accuracy": 0.95, "train_robust_accuracy": 0.056})
     else:
         assert plain.failed == {"epoch": 1, "adv_accuracy": 0.5, "train_robust_accuracy": 0.0,
@@ -860,17 +856,16 @@ def test_failure_check_measures_the_same_under_two_replicas():
 def test_failure_overestimate_gap_flag():
     """Off (1) by default and then absent from config.json (older runs
     resume); below 1 it needs restarts on the check's own training images."""
-    from tf_backsmooth import train_lib
 
     base = ("--failure_restarts=2", "--failure_data=train", "--validation_size=0",
             "--eval_every=0")
     assert _parse().failure_overestimate_gap == 1.0
-    assert "failure_overestimate_gap" not in train_lib._config_payload(_parse(*base))
+    assert "failure_overestimate_gap" not in run_dir_lib.config_payload(_parse(*base))
     c = _parse(*base, "--failure_overestimate_gap=0.1")
-    assert train_lib._config_payload(c)["failure_overestimate_gap"] == 0.1
+    assert run_dir_lib.config_payload(c)["failure_overestimate_gap"] == 0.1
     train = (np.zeros((50, 4, 4, 1), np.uint8), np.arange(50) % 10)
-    assert train_lib.make_failure_detector(c, train).overestimate_gap == 0.1
-    assert train_lib.make_failure_detector(_parse(*base), train).overestimate_gap is None
+    assert health.make_failure_detector(c, train).overestimate_gap == 0.1
+    assert health.make_failure_detector(_parse(*base), train).overestimate_gap is None
     with pytest.raises(config_lib.ConfigError, match="failure_overestimate_gap.*failure_data=train"):
         _parse("--failure_restarts=2", "--failure_overestimate_gap=0.1")
     with pytest.raises(config_lib.ConfigError, match="failure_overestimate_gap"):
@@ -919,7 +914,7 @@ def test_failure_detector_records_the_last_attempts_failure_for_a_resume(tmp_pat
 
 
 def test_check_score_measures_a_model_under_the_failure_checks_attack():
-    """train_lib.check_score, which compares attempts, measures the given model
+    """health.check_score, which compares attempts, measures the given model
     with the check's own attack: on the detector's images (4 points, PGD
     accuracy 0.5 by construction, as in the detector test above) or, without
     them, on the validation split (the same points as uint8 images); a model
@@ -928,7 +923,6 @@ def test_check_score_measures_a_model_under_the_failure_checks_attack():
     import keras
 
     from tf_backsmooth import callbacks as cb
-    from tf_backsmooth import train_lib
 
     x = np.array([[1, 0], [0.55, 0.45], [0, 1], [0.45, 0.55]], np.float32)
     y = np.array([0, 0, 1, 1])
@@ -938,12 +932,12 @@ def test_check_score_measures_a_model_under_the_failure_checks_attack():
     config = config_lib.TrainConfig(epsilon=0.3, eval_pgd_steps=10)
     on_train = cb.FailureDetector(0.3, 0.2, x=x, y=y, pgd_steps=10, seed=0)
     on_train.set_model(_linear_detector_model())
-    assert train_lib.check_score(config, on_train, None, model.base_model) == 0.5
-    assert train_lib.check_score(config, on_train, None, swapped) == 0.0
+    assert health.check_score(config, on_train, None, model.base_model) == 0.5
+    assert health.check_score(config, on_train, None, swapped) == 0.0
     on_val = cb.FailureDetector(0.3, 0.2)
     val = (np.array([[255, 0], [140, 115], [0, 255], [115, 140]], np.uint8), y)
-    assert train_lib.check_score(config, on_val, val, model.base_model) == 0.5
-    assert train_lib.check_score(config, on_val, val, swapped) == 0.0
+    assert health.check_score(config, on_val, val, model.base_model) == 0.5
+    assert health.check_score(config, on_val, val, swapped) == 0.0
 
 
 def test_failure_keep_flag():
@@ -963,7 +957,7 @@ def test_failure_keep_flag():
 def test_when_every_attempt_fails_the_least_bad_one_is_exported(
         tmp_path, mnist_dir, monkeypatch, keep, scores, kept, data):
     """Both attempts fail (the check's PGD accuracy is forced to -1 and the
-    gap to 0); train_lib.check_score is scripted. With --failure_keep=best the
+    gap to 0); health.check_score is scripted. With --failure_keep=best the
     weights it scores higher are exported -- attempt 1's (its seed, its
     epoch), or on a tie the last attempt's -- with a warning and every score
     in results.json; with 'last' nothing is scored and the last attempt is
@@ -998,7 +992,7 @@ def test_when_every_attempt_fails_the_least_bad_one_is_exported(
         seen.append([w.copy() for w in model.get_weights()])
         return scores[(len(seen) - 1) % len(scores)]
 
-    monkeypatch.setattr(train_lib, "check_score", fake_score)
+    monkeypatch.setattr(health, "check_score", fake_score)
     how = (dict(validation_size=0, eval_every=0, failure_examples=50, epochs=1)
            if data == "train" else
            dict(validation_size=0, eval_every=0, failure_examples=50, epochs=1,
@@ -1032,7 +1026,7 @@ def test_when_every_attempt_fails_the_least_bad_one_is_exported(
     assert len(results["failed_attempts"]) == 1
     if keep == "last":
         assert seen == [] and results["least_bad"] is None
-        assert results["seed"] == train_lib.attempt_seed(5, 1)
+        assert results["seed"] == run_dir_lib.attempt_seed(5, 1)
         return
     assert first == len(seen) - first == 2  # both attempts scored, before and after the kill
     assert any(not np.array_equal(a, b) for a, b in zip(seen[0], seen[1]))
@@ -1045,7 +1039,7 @@ def test_when_every_attempt_fails_the_least_bad_one_is_exported(
         True if data == "masked" else None)
     assert results["least_bad"] == {"kept_attempt": kept, "check": check,
                                     "robust_accuracy": list(scores)}
-    assert results["seed"] == (5 if kept == 1 else train_lib.attempt_seed(5, 1))
+    assert results["seed"] == (5 if kept == 1 else run_dir_lib.attempt_seed(5, 1))
     assert any("every one of the 2 attempts failed the check" in w
                and "another --seed (the same seed repeats these 2 attempts)" in w for w in results["warnings"])
     assert ("attempt 1 of 2 (epoch 1, in attempt_1/)" in results["selected_weights"]) == (kept == 1)
@@ -1112,7 +1106,6 @@ def test_failed_run_restarts_with_a_new_seed_and_keeps_the_failed_attempt(tmp_pa
     ``end_of_warmup``: the same through --failure_warmup_gap=0 with a 1-epoch
     warm-up (epoch 1 is the end of the warm-up; --failure_gap alone would not
     judge it)."""
-    from tf_backsmooth import train_lib
 
     run_dir = tmp_path / "restarts"
     how = (["--epsilon_warmup_epochs=0", "--failure_gap=0"] if judged == "full_eps" else
@@ -1128,7 +1121,7 @@ def test_failed_run_restarts_with_a_new_seed_and_keeps_the_failed_attempt(tmp_pa
     assert attempt["seed"] == 5 and attempt["epoch"] == 1
     assert attempt["end_of_warmup"] == (judged == "end_of_warmup")
     assert attempt["adv_accuracy"] > attempt["val_robust_accuracy"]
-    assert results["seed"] == train_lib.attempt_seed(5, 1) == 1_000_008
+    assert results["seed"] == run_dir_lib.attempt_seed(5, 1) == 1_000_008
     assert json.loads((run_dir / "manifest.json").read_text())["seed"] == 1_000_008
     old = [json.loads(ln) for ln in (run_dir / "attempt_1" / "metrics.jsonl").read_text().splitlines()]
     new = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -1146,7 +1139,6 @@ def test_failed_run_without_validation_split_restarts_judged_on_training_images(
     the finished 2-epoch run, on PGD against 200 training images; with
     --failure_gap=0 the first attempt fails there, the second (the last one
     allowed) trains both epochs with seed + 1000003 and is kept."""
-    from tf_backsmooth import train_lib
 
     run_dir = tmp_path / "train_check"
     proc = _run(_tiny(run_dir, mnist_dir, "--model=mlp", "--epochs=2", "--epsilon_warmup_epochs=0",
@@ -1160,7 +1152,7 @@ def test_failed_run_without_validation_split_restarts_judged_on_training_images(
     (attempt,) = results["failed_attempts"]
     assert attempt["epoch"] == 2 and attempt["seed"] == 5
     assert attempt["adv_accuracy"] > attempt["train_robust_accuracy"]
-    assert results["seed"] == train_lib.attempt_seed(5, 1)
+    assert results["seed"] == run_dir_lib.attempt_seed(5, 1)
     old = [json.loads(ln) for ln in (run_dir / "attempt_1" / "metrics.jsonl").read_text().splitlines()]
     new = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in old] == [1, 2] and [r["epoch"] for r in new] == [1, 2]
@@ -1176,7 +1168,6 @@ def test_failed_attempt_rolls_back_to_the_start_of_its_failed_epoch(tmp_path, mn
     attempt (seed + 1000003) starts from the checkpoint of epoch 1, whose
     weights and record it keeps, and trains epochs 2-3; only the discarded
     epoch 2 is the failed attempt's cost, and the costs add up to 4 epochs."""
-    from tf_backsmooth import train_lib
 
     run_dir = tmp_path / "rollback"
     proc = _run(_tiny(run_dir, mnist_dir, "--model=mlp", "--epochs=3",
@@ -1191,7 +1182,7 @@ def test_failed_attempt_rolls_back_to_the_start_of_its_failed_epoch(tmp_path, mn
     (attempt,) = results["failed_attempts"]
     assert (attempt["epoch"], attempt["rollback_epoch"], attempt["seed"]) == (2, 1, 5)
     assert attempt["end_of_warmup"]
-    assert results["seed"] == train_lib.attempt_seed(5, 1)
+    assert results["seed"] == run_dir_lib.attempt_seed(5, 1)
     old = [json.loads(ln) for ln in (run_dir / "attempt_1" / "metrics.jsonl").read_text().splitlines()]
     new = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in old] == [1, 2] and [r["epoch"] for r in new] == [1, 2, 3]
@@ -1215,7 +1206,7 @@ def test_run_records_the_measured_xla_choice(tmp_path, monkeypatch, mnist_dir):
     and trains in the mode chosen."""
     import keras
 
-    from tf_backsmooth import robust_model, train_lib
+    from tf_backsmooth import train_lib, xla_plan
 
     def tiny_bn(config, info):
         return keras.Sequential([keras.Input(info.input_shape), keras.layers.Conv2D(4, 3, 2),
@@ -1230,7 +1221,7 @@ def test_run_records_the_measured_xla_choice(tmp_path, monkeypatch, mnist_dir):
         return 0.01 if xla else 0.02
 
     monkeypatch.setattr(train_lib, "make_classifier", tiny_bn)
-    monkeypatch.setattr(robust_model, "_timed", fake_timed)
+    monkeypatch.setattr(xla_plan, "timed", fake_timed)
     config = config_lib.TrainConfig(
         dataset="mnist", data_dir=str(mnist_dir), model="mlp", method="backward_smoothing",
         epsilon=0.1, epochs=1, batch_size=64, num_train_examples=128, eval_every=0,

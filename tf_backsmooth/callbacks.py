@@ -105,12 +105,18 @@ class BestCheckpoint(keras.callbacks.Callback):
         base_model.load_weights(self.weights_path)
         return True
 
-    def on_train_begin(self, logs=None):
+    def read(self):
+        """Reads back the selection recorded in ``best.json`` (a resumed run,
+        or another attempt's folder); nothing when there is none."""
         self._sha256 = None
         if os.path.exists(self.info_path) and os.path.exists(self.weights_path):
             info = fileio.read_json(self.info_path)
             self.best, self.best_epoch = info["value"], info["epoch"]
             self._sha256 = info.get("sha256")
+        return self
+
+    def on_train_begin(self, logs=None):
+        self.read()
 
     def on_epoch_end(self, epoch, logs=None):
         value = (logs or {}).get(self.monitor)
@@ -215,7 +221,7 @@ class FailureDetector(keras.callbacks.Callback):
 
         The attacks' draws are fixed by ``seed``, so the same weights give the
         same numbers: each measurement is kept under a digest of the weights
-        and returned again for them (``train_lib.keep_least_bad`` scores the
+        and returned again for them (``health.keep_least_bad`` scores the
         last attempt's final weights, which its judged epoch has already
         measured, after the other attempts'; one small dict per detector)."""
         from tf_backsmooth import evaluation

@@ -127,9 +127,6 @@ from tf_backsmooth.config import (
 log = logging.getLogger("tf_backsmooth")
 
 POLICIES = CO_POLICIES + ("none",)
-RULES = CO_RULES
-# The defaults (shared with TrainConfig's co_guard_* fields).
-_D = CO_GUARD
 SUBDIR = "co_guard"
 LAST_GOOD = "last_good.weights.h5"
 
@@ -155,7 +152,7 @@ def collapse_detected(window, pgd_accuracy, fgsm_accuracy, drop=0.2, gap=0.2,
         return bool(gapped)
     if rule == "floor_and_gap":
         return bool(pgd_accuracy <= floor and gapped)
-    raise ConfigError(f"rule must be one of {list(RULES)} or a callable, "
+    raise ConfigError(f"rule must be one of {list(CO_RULES)} or a callable, "
                       f"got {rule!r}")
 
 
@@ -164,25 +161,6 @@ def overhead(examples, pgd_steps, every_steps, batch_size, grad_evals_per_step,
     """Guard gradient evaluations / training gradient evaluations."""
     per_measurement = examples * (pgd_steps + 1 + (2 if alignment else 0))
     return per_measurement / (every_steps * batch_size * grad_evals_per_step)
-
-
-# ----------------------------------------------------------------------------
-# Helpers around RobustModel (its public API; kept for existing callers)
-# ----------------------------------------------------------------------------
-def retrace(model):
-    """``model.retrace()``: the next step re-reads ``params``/``method``."""
-    model.retrace()
-
-
-def set_step_size(model, step_size):
-    """``model.set_params(step_size=step_size)``."""
-    return model.set_params(step_size=float(step_size))
-
-
-def switch_method(model, name, **kwargs):
-    """``model.switch_method(name, **kwargs)``: method ``name`` at the same
-    epsilon (see :meth:`RobustModel.switch_method`)."""
-    return model.switch_method(name, **kwargs)
 
 
 def _params_dict(params):
@@ -282,12 +260,12 @@ class COGuard(keras.callbacks.Callback):
     ``collapses``, ``extra_grad_evals``, ``last_good_step``.
     """
 
-    def __init__(self, x=None, y=None, *, every_steps=_D.every_steps,
-                 epsilon=None, pgd_steps=_D.pgd_steps, pgd_step_size=None,
-                 alignment=False, drop=_D.drop, gap=_D.gap, rule=_D.rule,
-                 window=_D.window, healthy_drop=None, floor=_D.floor,
-                 policy=_D.policy, factor=_D.factor, fallback=_D.fallback,
-                 fallback_kwargs=None, max_collapses=_D.max_collapses,
+    def __init__(self, x=None, y=None, *, every_steps=CO_GUARD.every_steps,
+                 epsilon=None, pgd_steps=CO_GUARD.pgd_steps, pgd_step_size=None,
+                 alignment=False, drop=CO_GUARD.drop, gap=CO_GUARD.gap, rule=CO_GUARD.rule,
+                 window=CO_GUARD.window, healthy_drop=None, floor=CO_GUARD.floor,
+                 policy=CO_GUARD.policy, factor=CO_GUARD.factor, fallback=CO_GUARD.fallback,
+                 fallback_kwargs=None, max_collapses=CO_GUARD.max_collapses,
                  model_dir=None, log_dir=None, seed=0,
                  measure_fn=None, measure_at_start=True,
                  restore_iterations=True, resume=True, is_chief=True):
@@ -302,7 +280,7 @@ class COGuard(keras.callbacks.Callback):
         self.drop = check_real("drop", drop, low=0.0, high=1.0)
         self.gap = check_real("gap", gap, low=0.0, high=1.0)
         if not callable(rule):
-            check_choice("rule", rule, RULES)
+            check_choice("rule", rule, CO_RULES)
         self.rule = rule
         self.window = check_int("window", window, low=1)
         self.floor = check_real("floor", floor, low=0.0, high=1.0)
@@ -680,5 +658,4 @@ def _fmt(value):
     return "-" if value is None else f"{value:.3f}"
 
 
-__all__ = ["COGuard", "collapse_detected", "make_measure_fn", "overhead",
-           "retrace", "set_step_size", "switch_method", "POLICIES", "RULES"]
+__all__ = ["COGuard", "collapse_detected", "make_measure_fn", "overhead", "POLICIES"]

@@ -314,6 +314,17 @@ class TrainConfig:
     failure_keep: str = "best"
 
     def __post_init__(self):
+        self._check_run()
+        self._check_health()
+        if self.co_guard and self.method == "natural":
+            raise ConfigError("co_guard needs an adversarial method, not "
+                              "'natural'")
+        if self.num_cpu_devices and self.strategy != "mirrored":
+            raise ConfigError("num_cpu_devices only applies to "
+                              "--strategy=mirrored")
+
+    def _check_run(self):
+        """Data, model, method, optimisation, evaluation and run fields."""
         check_choice("dataset", self.dataset, DATASETS)
         check_choice("model", self.model, MODELS)
         check_choice("init", self.init, INITS)
@@ -362,6 +373,8 @@ class TrainConfig:
         check_int("steps", self.steps, low=1, high=100_000, allow_none=True)
         check_real("gamma", self.gamma, low=0.0, allow_none=True)
         check_real("beta", self.beta, low=0.0, allow_none=True)
+    def _check_health(self):
+        """The co_guard_* and failure_* fields, and how they fit the rest."""
         check_int("co_guard_every", self.co_guard_every, low=1)
         check_int("co_guard_examples", self.co_guard_examples, low=1)
         check_int("co_guard_pgd_steps", self.co_guard_pgd_steps, low=1)
@@ -419,12 +432,6 @@ class TrainConfig:
             raise ConfigError("failure_restarts with failure_data=validation needs robust "
                               "validation (eval_every > 0 and a validation split); "
                               "without a validation split use --failure_data=train")
-        if self.co_guard and self.method == "natural":
-            raise ConfigError("co_guard needs an adversarial method, not "
-                              "'natural'")
-        if self.num_cpu_devices and self.strategy != "mirrored":
-            raise ConfigError("num_cpu_devices only applies to "
-                              "--strategy=mirrored")
 
 
 # ----------------------------------------------------------------------------

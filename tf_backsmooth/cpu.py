@@ -203,3 +203,15 @@ def summary() -> str:
     state = {True: "on", False: "off", None: "unknown"}[used]
     return (f"CPU {info['isa']}; oneDNN kernels {state} "
             f"({info['onednn']['by']}: {info['onednn']['reason']})")
+
+
+def bfloat16_warning(dtype_policy, units, accelerator):
+    """A warning (or None) for ``mixed_bfloat16`` on a CPU that reports no
+    bfloat16 units (``units == []``; None = unknown: no warning)."""
+    if dtype_policy != "mixed_bfloat16" or accelerator is not None or units != []:
+        return None
+    return ("--dtype_policy=mixed_bfloat16 on a CPU that reports no bfloat16 units "
+            f"({' / '.join(BF16_FLAGS)} absent from /proc/cpuinfo): its bfloat16 "
+            "matrix products are not native here, so this may train slower than float32 "
+            "(the measured 2-2.6x gains were on a CPU with AMX). Time both first: python "
+            "bench/vs_pytorch.py --precisions=float32,bfloat16")

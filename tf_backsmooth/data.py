@@ -690,6 +690,11 @@ def load_arrays(name, split, data_dir=None, validation_size=None, seed=0,
 # --------------------------------------------------------------------------
 
 
+def to_float(x):
+    """uint8 images (as :func:`load_arrays` returns them) as float32 in ``[0, 1]``."""
+    return x.astype(np.float32) / 255.0
+
+
 def augment_batch(images, seed, padding=CROP_PADDING, flip=True):
     """Random crop with zero padding (and optional horizontal flip) of a batch.
 

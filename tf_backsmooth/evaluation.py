@@ -71,18 +71,6 @@ import tensorflow as tf
 
 from tf_backsmooth import attacks as attacks_lib
 from tf_backsmooth import objectives, rng
-
-# APGD and its losses live in attacks.py; importable from here as before.
-from tf_backsmooth.attacks import (  # noqa: F401
-    APGD_MOMENTUM,
-    APGD_RHO,
-    APGDResult,
-    apgd,
-    apgd_checkpoints,
-    dlr_loss,
-    dlr_targeted_loss,
-    target_classes,
-)
 from tf_backsmooth.config import EvalConfig, check_epsilon
 
 ATTACKS = ("fgsm", "pgd", "pgd_margin", "apgd_ce", "apgd_t", "fab_t", "square")
@@ -234,10 +222,10 @@ def _batch_fn(model, cache, name, input_shape, steps, step_size, jit):
             return attacks_lib.square(model_fn, x, y, eps, n_queries=steps,
                                       seed=seed, index=index)
         if name == "apgd_ce":
-            out = apgd(model_fn, x, y, eps, steps, loss="ce", init_noise=noise)
+            out = attacks_lib.apgd(model_fn, x, y, eps, steps, loss="ce", init_noise=noise)
         elif name == "apgd_t":
-            targets = target_classes(y, model_fn(x), rank)
-            out = apgd(model_fn, x, y, eps, steps, loss="dlr_targeted",
+            targets = attacks_lib.target_classes(y, model_fn(x), rank)
+            out = attacks_lib.apgd(model_fn, x, y, eps, steps, loss="dlr_targeted",
                        targets=targets, init_noise=noise)
         else:
             raise ValueError(f"unknown attack {name!r}")
@@ -461,6 +449,100 @@ def _num_classes(model, x, y, attacks=()):
     return num
 
 
+def _settings(names, pgd_steps, step_size, restarts, apgd_steps, apgd_targets,
+              batch_size, seed, jit_compile, square_queries, fab_steps):
+    """The report's ``settings``: every attack parameter used."""
+    default_step = f"2.5 * eps / {pgd_steps}"
+    return {
+        "attacks": list(names),
+        "pgd_steps": pgd_steps,
+        "pgd_step_size": default_step if step_size is None else float(step_size),
+        "fgsm_step_size": "eps",
+        "restarts": restarts,
+        "apgd_steps": apgd_steps,
+        "apgd_targets": apgd_targets,
+        "apgd_rho": attacks_lib.APGD_RHO,
+        "apgd_momentum": attacks_lib.APGD_MOMENTUM,
+        "apgd_initial_step_size": "2 * eps",
+        "apgd_checkpoints": attacks_lib.apgd_checkpoints(apgd_steps),
+        "batch_size": batch_size,
+        "seed": seed,
+        "jit_compile": bool(jit_compile),
+        "square_queries": square_queries,
+        "fab_steps": fab_steps,
+        "fab_alpha_max": attacks_lib.FAB_ALPHA_MAX,
+        "fab_eta": attacks_lib.FAB_ETA,
+        "fab_beta": attacks_lib.FAB_BETA,
+    }
+
+
+def _square_beyond_gradient(done, stages, n):
+    """The fraction of examples that only Square broke (None without Square
+    and a gradient attack): a sign of gradient masking."""
+    grad_names = [name for name in done if name in _GRADIENT_ATTACKS]
+    if "square" in done and grad_names:
+        missed = np.logical_and.reduce([done[name] for name in grad_names])
+        return float((missed & ~done["square"]).mean())
+    if "autoattack" in done:  # its Square only saw what the rest missed
+        return stages["autoattack"][-1]["broken"] / n
+    return None
+
+
+def _attacks_at(runner, names, clean, eps, kw):
+    """Runs ``names`` at one epsilon on the clean-correct examples: returns
+    ``(done, spent, stages)``, each attack's per-example verdicts, its
+    seconds and each preset's log of parts (a preset runs each part only on
+    what the earlier parts left, and reuses a part already run in full)."""
+    clean_idx = np.flatnonzero(clean)
+    done, spent, stages = {}, {}, {}
+    for n in names:
+        t0 = time.perf_counter()
+        if n in PRESETS:
+            robust, log = clean.copy(), []
+            for part in PRESETS[n]:
+                t1 = time.perf_counter()
+                if part in done:  # per-example results: reuse a full run
+                    after = robust & done[part]
+                elif part == PRESETS[n][0]:
+                    done[part] = runner.attack(part, clean_idx, eps, **kw)
+                    after = done[part].copy()
+                else:
+                    after = runner.attack(part, np.flatnonzero(robust), eps, **kw)
+                log.append({"attack": part, "broken": int(robust.sum() - after.sum()),
+                            "robust_accuracy": float(after.mean()),
+                            "seconds": time.perf_counter() - t1})
+                robust = after
+            done[n] = robust
+            stages[n] = log
+        elif n not in done:
+            done[n] = runner.attack(n, clean_idx, eps, **kw)
+        spent[n] = time.perf_counter() - t0
+    return done, spent, stages
+
+
+def _all_epsilons(runner, names, clean, eps_list, kw, per_example):
+    """Every attack at every epsilon: ``(per_attack, worst, seconds_by,
+    beyond, stages, verdicts)``, each keyed on ``str(eps)`` (see
+    :func:`evaluate`'s report)."""
+    per_attack, worst, seconds_by, beyond, stages, verdicts = {}, {}, {}, {}, {}, {}
+    for eps in eps_list:
+        key = str(eps)
+        done, seconds_by[key], eps_stages = _attacks_at(runner, names, clean, eps, kw)
+        if eps_stages:
+            stages[key] = eps_stages
+        only_square = _square_beyond_gradient(done, eps_stages, len(clean))
+        if only_square is not None:
+            beyond[key] = only_square
+        # A preset also reports its full apgd_ce run.
+        report_names = list(names) + (["apgd_ce"] if any(n in PRESETS for n in names)
+                                      and "apgd_ce" not in names else [])
+        per_attack[key] = {n: float(done[n].mean()) for n in report_names}
+        if per_example:
+            verdicts[key] = {n: done[n].tolist() for n in report_names}
+        worst[key] = float(np.logical_and.reduce([clean, *done.values()]).mean())
+    return per_attack, worst, seconds_by, beyond, stages, verdicts
+
+
 def evaluate(model, x, y, epsilons, attacks=("pgd",), *, batch_size=256,
              pgd_steps=20, restarts=1, step_size=None, apgd_steps=100, seed=0,
              progress=False, apgd_targets=9, jit_compile=False,
@@ -508,13 +590,11 @@ def evaluate(model, x, y, epsilons, attacks=("pgd",), *, batch_size=256,
     x, y = _check_data(x, y)
     eps_list = _check_epsilons(epsilons)
     names = parse_attacks(attacks)
-    batch_size = _positive_int(batch_size, "batch_size")
-    pgd_steps = _positive_int(pgd_steps, "pgd_steps")
-    restarts = _positive_int(restarts, "restarts")
-    apgd_steps = _positive_int(apgd_steps, "apgd_steps")
-    apgd_targets = _positive_int(apgd_targets, "apgd_targets")
-    square_queries = _positive_int(square_queries, "square_queries")
-    fab_steps = _positive_int(fab_steps, "fab_steps")
+    (batch_size, pgd_steps, restarts, apgd_steps, apgd_targets, square_queries,
+     fab_steps) = (_positive_int(v, n) for v, n in (
+         (batch_size, "batch_size"), (pgd_steps, "pgd_steps"), (restarts, "restarts"),
+         (apgd_steps, "apgd_steps"), (apgd_targets, "apgd_targets"),
+         (square_queries, "square_queries"), (fab_steps, "fab_steps")))
     seed = _positive_int(seed, "seed", minimum=0)
     if step_size is not None and not (float(step_size) > 0):
         raise ValueError(f"step_size must be positive, got {step_size!r}")
@@ -523,79 +603,23 @@ def evaluate(model, x, y, epsilons, attacks=("pgd",), *, batch_size=256,
 
     runner = _Runner(model, x, y, batch_size, seed, jit_compile, progress)
     clean = runner.clean()
-    clean_idx = np.flatnonzero(clean)
     kw = dict(pgd_steps=pgd_steps, restarts=restarts, step_size=step_size,
               apgd_steps=apgd_steps, apgd_targets=apgd_targets,
               square_queries=square_queries, fab_steps=fab_steps)
 
-    per_attack, worst, seconds_by, beyond, stages, verdicts = {}, {}, {}, {}, {}, {}
-    for eps in eps_list:
-        key = str(eps)
-        done, spent = {}, {}
-        for n in names:
-            t0 = time.perf_counter()
-            if n in PRESETS:  # each part only on what the earlier ones left
-                robust, log = clean.copy(), []
-                for part in PRESETS[n]:
-                    t1 = time.perf_counter()
-                    if part in done:  # per-example results: reuse a full run
-                        after = robust & done[part]
-                    elif part == PRESETS[n][0]:
-                        done[part] = runner.attack(part, clean_idx, eps, **kw)
-                        after = done[part].copy()
-                    else:
-                        after = runner.attack(part, np.flatnonzero(robust), eps, **kw)
-                    log.append({"attack": part, "broken": int(robust.sum() - after.sum()),
-                                "robust_accuracy": float(after.mean()),
-                                "seconds": time.perf_counter() - t1})
-                    robust = after
-                done[n] = robust
-                stages.setdefault(key, {})[n] = log
-            elif n not in done:
-                done[n] = runner.attack(n, clean_idx, eps, **kw)
-            spent[n] = time.perf_counter() - t0
-        seconds_by[key] = spent
-        grad_names = [n for n in done if n in _GRADIENT_ATTACKS]
-        if "square" in done and grad_names:
-            missed = np.logical_and.reduce([done[n] for n in grad_names])
-            beyond[key] = float((missed & ~done["square"]).mean())
-        elif "autoattack" in done:  # its Square only saw what the rest missed
-            beyond[key] = stages[key]["autoattack"][-1]["broken"] / len(x)
-        report_names = list(names)
-        if any(n in PRESETS for n in names) and "apgd_ce" not in report_names:
-            report_names.append("apgd_ce")
-        per_attack[key] = {n: float(done[n].mean()) for n in report_names}
-        if per_example:
-            verdicts[key] = {n: done[n].tolist() for n in report_names}
-        all_robust = clean.copy()
-        for v in done.values():
-            all_robust &= v
-        worst[key] = float(all_robust.mean())
+    per_attack, worst, seconds_by, beyond, stages, verdicts = _all_epsilons(
+        runner, names, clean, eps_list, kw, per_example)
 
     seconds = time.perf_counter() - start
-    default_step = f"2.5 * eps / {pgd_steps}"
     report = {
         "clean_accuracy": float(clean.mean()),
         "robust_accuracy": worst[str(eps_list[0])] if len(eps_list) == 1 else worst,
         "attacks": per_attack,
         "epsilons": eps_list,
         "num_examples": int(len(x)),
-        "settings": {
-            "attacks": list(names),
-            "pgd_steps": pgd_steps,
-            "pgd_step_size": default_step if step_size is None else float(step_size),
-            "fgsm_step_size": "eps",
-            "restarts": restarts,
-            "apgd_steps": apgd_steps,
-            "apgd_targets": apgd_targets,
-            "apgd_rho": APGD_RHO,
-            "apgd_momentum": APGD_MOMENTUM,
-            "apgd_initial_step_size": "2 * eps",
-            "apgd_checkpoints": apgd_checkpoints(apgd_steps),
-            "batch_size": batch_size,
-            "seed": seed,
-            "jit_compile": bool(jit_compile),
-        },
+        "settings": _settings(names, pgd_steps, step_size, restarts, apgd_steps,
+                              apgd_targets, batch_size, seed, jit_compile,
+                              square_queries, fab_steps),
         "seconds": seconds,
         "images_per_second": len(x) * len(eps_list) / max(seconds, 1e-9),
         "attack_seconds": seconds_by,
@@ -604,9 +628,6 @@ def evaluate(model, x, y, epsilons, attacks=("pgd",), *, batch_size=256,
         report["preset_stages"] = stages
     if per_example:
         report["per_example"] = {"clean": clean.tolist(), **verdicts}
-    report["settings"].update(square_queries=square_queries, fab_steps=fab_steps,
-                              fab_alpha_max=attacks_lib.FAB_ALPHA_MAX,
-                              fab_eta=attacks_lib.FAB_ETA, fab_beta=attacks_lib.FAB_BETA)
     if beyond:
         report["square_beyond_gradient"] = beyond
     report["warnings"] = sanity_checks(model, x, y, report)
@@ -787,110 +808,3 @@ def format_table(report) -> str:
                               for st in log)
             lines.append(f"{preset} at eps={float(k):g}: {parts}")
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------
-# A run from an EvalConfig (bin/evaluate)
-# ----------------------------------------------------------------------------
-class EvalError(ValueError):
-    """An evaluation run cannot proceed; the message names the flag."""
-
-
-def _one_line(err):
-    return " ".join(str(err).split())
-
-
-def run(config) -> dict:
-    """Loads the model and the data of ``config`` (a validated
-    :class:`tf_backsmooth.config.EvalConfig`), evaluates and returns the
-    report (with ``data`` and ``model_path`` added). Raises :class:`EvalError`
-    with one line naming the flag for a bad attack list, an unloadable model
-    or dataset, or a model that does not fit the data."""
-    from tf_backsmooth import data
-
-    try:
-        attacks = parse_attacks(config.attacks)
-    except ValueError as err:
-        raise EvalError(f"--attacks={config.attacks}: {err}") from None
-    try:
-        model = load_classifier(config.model_path)
-    except (OSError, ValueError) as err:
-        raise EvalError(f"--model_path={config.model_path}: {_one_line(err)}") from None
-    try:
-        x, y = data.load_arrays(config.dataset, config.split, data_dir=config.data_dir,
-                                num_examples=config.num_examples)
-    except (OSError, ValueError) as err:
-        raise EvalError(f"--dataset={config.dataset} (--data_dir={config.data_dir}): "
-                        f"{_one_line(err)}") from None
-    expected = tuple(getattr(model, "input_shape", (None,) + x.shape[1:])[1:])
-    if None not in expected and expected != tuple(x.shape[1:]):
-        raise EvalError(f"--model_path={config.model_path}: the model takes inputs of shape "
-                        f"{expected} but --dataset={config.dataset} has images of shape "
-                        f"{tuple(x.shape[1:])}")
-    outputs = getattr(model, "output_shape", None)
-    classes = (outputs[-1] if isinstance(outputs, tuple) and isinstance(outputs[-1], int)
-               else None)
-    if classes is not None and int(y.max()) >= classes:
-        raise EvalError(f"--model_path={config.model_path}: the model has {classes} outputs "
-                        f"but --dataset={config.dataset} has labels up to {int(y.max())}")
-    if ({"apgd_t", "autoattack_lite", "autoattack"} & set(attacks) and classes is not None
-            and classes < 4):
-        raise EvalError("--attacks: apgd_t needs a model with >= 4 classes")
-
-    x = np.asarray(x, np.float32) / 255.0
-    try:
-        report = evaluate(
-            model, x, y, list(config.epsilon), attacks, batch_size=config.batch_size,
-            pgd_steps=config.pgd_steps, restarts=config.restarts,
-            step_size=config.step_size, apgd_steps=config.apgd_steps,
-            apgd_targets=config.apgd_targets, square_queries=config.square_queries,
-            fab_steps=config.fab_steps, seed=config.seed, progress=config.progress,
-            jit_compile=config.jit_compile)
-    except ValueError as err:  # e.g. a model that rejects the data
-        raise EvalError(_one_line(err)) from None
-    report["data"] = {"dataset": config.dataset, "split": config.split,
-                      "data_dir": config.data_dir}
-    report["model_path"] = str(config.model_path)
-    return report
-
-
-def plot_report(report, path):
-    """A PNG plot of accuracy vs epsilon (one line per attack and the worst
-    case), written atomically to ``path``."""
-    import io
-
-    import matplotlib
-
-    from tf_backsmooth import fileio
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epsilons = sorted(report["epsilons"])
-    xs = [0.0] + epsilons
-    clean = report["clean_accuracy"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    names = []
-    for eps in epsilons:
-        for name in report["attacks"][str(eps)]:
-            if name not in names:
-                names.append(name)
-    for name in names:
-        ys = [clean] + [report["attacks"][str(e)].get(name, float("nan")) for e in epsilons]
-        ax.plot(xs, [100 * v for v in ys], marker="o", label=name)
-    robust = report["robust_accuracy"]
-    worst = [robust] if not isinstance(robust, dict) else [robust[str(e)] for e in epsilons]
-    ax.plot(xs, [100 * clean] + [100 * v for v in worst], marker="s", color="black",
-            linewidth=2.5, label="worst case")
-    ax.set_xlabel("epsilon (L-inf, pixel units)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title(f"{report['data']['dataset']} {report['data']['split']}: "
-                 f"{report['num_examples']} examples")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, dpi=100, format=Path(path).suffix[1:] or "png")
-    plt.close(fig)
-    fileio.write_bytes(path, buf.getvalue())

@@ -16,13 +16,15 @@ starts with the field name) names the flag.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
+import textwrap
 
 from absl import flags
 
 from tf_backsmooth import config as config_lib
-from tf_backsmooth import fileio
+from tf_backsmooth import run_dir
 
 _DEFAULTS = config_lib.TrainConfig()
 
@@ -32,198 +34,255 @@ _DEFAULTS = config_lib.TrainConfig()
 # keyword of a registered method needs a row here, or an entry in
 # _UNFLAGGED_METHOD_KWARGS; tests/test_one_source.py checks both against the
 # registry (this module does not import TensorFlow, so it cannot read it).
-_METHOD_KWARG_FLAGS = (
-    (flags.DEFINE_bool, "random_start", "Random start (pgd_at, fgsm_rs, gradalign)."),
-    (flags.DEFINE_float, "lambda_", "GradAlign regulariser weight."),
-    (flags.DEFINE_float, "init_scale",
-     "FGSM-family noise radius in units of epsilon (n_fgsm: 2)."),
-    (flags.DEFINE_bool, "attack_training",
-     "Run the attack in training mode (default: the method's reference mode)."),
-    (flags.DEFINE_bool, "clip_start",
-     "fgsm_rs: project the random start onto the eps-ball and [0, 1] before the "
-     "gradient pass (default true; Wong et al.'s MNIST code: false)."),
-)
-_METHOD_KWARGS = tuple(name for _, name, _ in _METHOD_KWARG_FLAGS)
+_METHOD_KWARGS = ("random_start", "lambda_", "init_scale", "attack_training", "clip_start")
 # Method keywords that are part of a method's definition, not a knob: no flag.
 _UNFLAGGED_METHOD_KWARGS = {
     "project": "n_fgsm's no-projection is what makes it N-FGSM",
     "init": "fast_trades' uniform start (and --init is the weight initialisation)",
 }
 
+# The sections of `bin/train --help`, in order.
+SECTIONS = ("data", "model", "method", "optimisation", "evaluation", "health", "run",
+            "distribution")
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """One bin/train flag: its section, name, kind, help and (for enums)
+    choices. The default is the :class:`TrainConfig` field's of the same name
+    (``"<config>"``) unless ``default`` is given (``None``: decided elsewhere, e.g. the
+    method's own value, which the help then states)."""
+
+    section: str
+    name: str
+    kind: str  # "enum", "string", "integer", "float", "bool" or "list"
+    help: str
+    choices: tuple = ()
+    default: object = "<config>"
+
+
+_EPS = "pixel units: inputs are in [0, 1]"
+# Each method's default attack steps and step size (in terms of eps), for the
+# help of --steps and --step_size; tests/test_flags_help.py checks them
+# against the registry (methods.py), which this module cannot import.
+METHOD_ATTACK_DEFAULTS = {
+    "natural": (0, None), "pgd_at": (10, "2.5*eps/10"), "trades": (10, "eps/4"),
+    "fgsm_rs": (1, "1.25*eps"), "fast_trades": (1, "eps"), "gradalign": (1, "eps"),
+    "n_fgsm": (1, "eps"), "backward_smoothing": (1, "eps"),
+}
+TRAIN_FLAGS = (
+    # Data.
+    Flag("data", "dataset", "enum", "The dataset to train on (its official test split is the "
+         "final test set).", config_lib.DATASETS),
+    Flag("data", "data_dir", "string", "Folder with the dataset's files (IDX .gz for "
+         "(fashion_)mnist, Keras' mnist.npz, CIFAR python batches) or a tensorflow-datasets "
+         "data_dir. Default: $TF_BACKSMOOTH_DATA_DIR, ~/.keras/datasets, "
+         "/usr/share/datasets, then tfds' own folder.", default=None),
+    Flag("data", "validation_size", "integer", "Training images held out as the validation "
+         "split (model selection, the failure check). Default: the dataset's (1000).",
+         default=None),
+    Flag("data", "num_train_examples", "integer", "Train on the first N training images only "
+         "(default: all).", default=None),
+    # Model.
+    Flag("model", "model", "enum", "The classifier architecture (tf_backsmooth.models).",
+         config_lib.MODELS),
+    Flag("model", "normalize", "bool", "The first layer normalises by the dataset's mean and "
+         "std; false: the network sees raw [0, 1] pixels (Wong et al.'s MNIST code)."),
+    Flag("model", "init", "enum", "Weight initialisation: keras (Glorot uniform, zero bias) "
+         "or torch (PyTorch's U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for kernels and biases).",
+         config_lib.INITS),
+    # Method.
+    Flag("method", "method", "enum", "The robust-training method (docs/GUIDE.md compares "
+         "them).", config_lib.METHODS),
+    Flag("method", "epsilon", "float", f"L-inf attack budget, in {_EPS}, e.g. 0.3 (MNIST), "
+         "0.1 (Fashion-MNIST), 0.031 (CIFAR)."),
+    Flag("method", "epsilon_warmup_epochs", "float", "Ramp epsilon (and every attack step "
+         "size with it) linearly from 0 to --epsilon over the first F epochs, updated every "
+         "step; 0: no warm-up."),
+    Flag("method", "step_size", "float", f"Attack step size, in {_EPS}. Default: the "
+         "method's: " + ", ".join(f"{m} {size}" for m, (_, size) in METHOD_ATTACK_DEFAULTS.items()
+                                  if size) + ".", default=None),
+    Flag("method", "steps", "integer", "Attack steps per training step. Default: the "
+         "method's: " + ", ".join(f"{m} {steps}" for m, (steps, _) in
+                                  METHOD_ATTACK_DEFAULTS.items()) + ".", default=None),
+    Flag("method", "gamma", "float", "backward_smoothing: scale of the uniform logit noise "
+         "of the backward step (default 1).", default=None),
+    Flag("method", "beta", "float", "trades, fast_trades and backward_smoothing: weight of "
+         "the KL term of the loss (default 6).", default=None),
+    Flag("method", "random_start", "bool", "Start the attack at a uniform random point of "
+         "the eps-ball. Default: the method's (true for pgd_at, fgsm_rs and n_fgsm, false "
+         "for gradalign).", default=None),
+    Flag("method", "lambda_", "float", "gradalign: weight of the gradient-alignment "
+         "regulariser (default 0.2).", default=None),
+    Flag("method", "init_scale", "float", "FGSM family: radius of the random start in units "
+         "of epsilon (default 1; n_fgsm 2).", default=None),
+    Flag("method", "attack_training", "bool", "Run the attack with the model in training "
+         "mode (BatchNorm batch statistics). Default: the method's reference mode.",
+         default=None),
+    Flag("method", "clip_start", "bool", "fgsm_rs: project the random start onto the "
+         "eps-ball and [0, 1] before the gradient pass (default true; Wong et al.'s MNIST "
+         "code: false).", default=None),
+    # Optimisation.
+    Flag("optimisation", "epochs", "integer", "Passes over the training split."),
+    Flag("optimisation", "batch_size", "integer", "GLOBAL batch size: split evenly across "
+         "replicas, so it must divide by their number."),
+    Flag("optimisation", "optimizer", "enum", "The optimizer (sgd uses --momentum).",
+         config_lib.OPTIMIZERS),
+    Flag("optimisation", "lr", "float", "Peak learning rate: the schedule's value before "
+         "its first drop (piecewise), at its top (cyclic) or start (cosine)."),
+    Flag("optimisation", "momentum", "float", "Momentum of --optimizer=sgd (unused by adam "
+         "and adamw)."),
+    Flag("optimisation", "lr_schedule", "enum", "piecewise: divided by 10 at --lr_boundaries "
+         "(default at 50 % and 75 % of training, the paper's); cyclic: linear up to --lr at "
+         "40 % then down to 0 (Wong et al.); cosine decay; constant.",
+         config_lib.LR_SCHEDULES),
+    Flag("optimisation", "lr_boundaries", "list", "piecewise only: the epochs (numbers, "
+         "increasing) at which the learning rate is divided by 10, e.g. 2.5 or 2.5,3.75; "
+         "empty: at 50 % and 75 % of training."),
+    Flag("optimisation", "weight_decay", "float", "Weight decay in Keras' decoupled form "
+         "(w -= lr * wd * w); the PyTorch reference scripts add wd * w to the gradient "
+         "instead (BUILD_NOTES.md)."),
+    # Evaluation.
+    Flag("evaluation", "eval_every", "integer", "Robust validation (PGD) every N epochs; it "
+         "selects the best epoch's weights for export. 0: never (the last weights)."),
+    Flag("evaluation", "eval_examples", "integer", "Validation images the robust validation "
+         "attacks."),
+    Flag("evaluation", "eval_pgd_steps", "integer", "PGD steps of the robust validation "
+         "(step 2.5*eps/steps, one random start)."),
+    Flag("evaluation", "test_examples", "integer", "Test images of the final clean and PGD "
+         "evaluation (default: the whole test split).", default=None),
+    Flag("evaluation", "test_pgd_steps", "integer", "PGD steps of the final test "
+         "evaluation."),
+    Flag("evaluation", "test_autoattack_examples", "integer", "Also attack the first N test "
+         "images with autoattack_lite (APGD-CE, then APGD-T) at the end, and warn "
+         "(OVERESTIMATED) when PGD leaves more than 10 points more of them robust (gradient "
+         "masking). 0: off."),
+    # Health.
+    Flag("health", "co_guard", "bool", "Watch for catastrophic overfitting during training "
+         "(PGD against FGSM accuracy on a fixed training batch every --co_guard_every steps), "
+         "roll back and mitigate (docs/CO_GUARD.md)."),
+    Flag("health", "co_guard_every", "integer", "The guard measures every N training steps."),
+    Flag("health", "co_guard_examples", "integer", "Fixed training images the guard "
+         "measures on."),
+    Flag("health", "co_guard_pgd_steps", "integer", "PGD steps of the guard's measurement."),
+    Flag("health", "co_guard_rule", "enum", "When a measurement is a collapse "
+         "(docs/CO_GUARD.md).", config_lib.CO_RULES),
+    Flag("health", "co_guard_drop", "float", "Collapse: PGD accuracy fell this much (a "
+         "fraction, 0.2 = 20 points) below its recent best."),
+    Flag("health", "co_guard_gap", "float", "Collapse: FGSM accuracy exceeds PGD accuracy by "
+         "this much (a fraction)."),
+    Flag("health", "co_guard_floor", "float", "floor_and_gap rule: PGD accuracy at or below "
+         "this (a fraction)."),
+    Flag("health", "co_guard_policy", "enum", "What follows a rollback: shrink the step "
+         "size, switch method, or nothing.", config_lib.CO_POLICIES),
+    Flag("health", "co_guard_factor", "float", "shrink_step: multiply the step size by this."),
+    Flag("health", "co_guard_fallback", "enum", "switch_method: the method to switch to.",
+         config_lib.METHODS),
+    Flag("health", "co_guard_max_collapses", "integer", "Stop training after this many "
+         "collapses."),
+    Flag("health", "failure_restarts", "integer", "Restart a failed attempt from scratch with "
+         "a new seed (seed + 1000003 * k) up to N times. Failed: at the end of an epoch at "
+         "full epsilon the accuracy on the method's own training attack exceeds the PGD "
+         "accuracy by more than --failure_gap. A failed attempt is kept in attempt_K/ and "
+         "counted in the training time. 0: no check."),
+    Flag("health", "failure_gap", "float", "Training-attack minus PGD accuracy (a fraction) "
+         "that marks a failed attempt."),
+    Flag("health", "failure_warmup_gap", "float", "Also judge the epoch in which the epsilon "
+         "warm-up ends, with this (looser) gap; a failure there restarts one epoch earlier. "
+         "1: never (a gap of accuracies cannot exceed 1)."),
+    Flag("health", "failure_rollback", "bool", "Start the next attempt from the checkpoint at "
+         "the start of the failed epoch (new seed: new data order and attack draws) instead "
+         "of from scratch; only the discarded epochs count as the failed attempt's cost."),
+    Flag("health", "failure_data", "enum", "What the failure check attacks: validation (the "
+         "validation split, at each robust validation) or train (a fixed, seeded subset of "
+         "--failure_examples training images: no validation split needed).",
+         config_lib.FAILURE_DATA),
+    Flag("health", "failure_examples", "integer", "--failure_data=train: training images "
+         "the check attacks."),
+    Flag("health", "failure_pgd_steps", "integer", "--failure_data=train: PGD steps of the "
+         "check (step 2.5*eps/steps, one random start); 0: --eval_pgd_steps."),
+    Flag("health", "failure_overestimate_gap", "float", "--failure_data=train: also run "
+         "autoattack_lite on the check's images and fail an attempt whose PGD accuracy there "
+         "exceeds it by more than this (gradient masking); attempts are then compared by the "
+         "worst case of both. 1: off."),
+    Flag("health", "failure_keep", "enum", "When every attempt fails: best exports the "
+         "attempt most accurate under the check's attack (all measured on the same images, "
+         "recorded in results.json), last the last attempt.", config_lib.FAILURE_KEEP),
+    Flag("health", "failure_from_epoch", "integer", "Judge only epochs from this one on "
+         "(1-based); 0: from the first epoch at full epsilon. --failure_from_epoch=<epochs> "
+         "judges the finished run only."),
+    # Run.
+    Flag("run", "model_dir", "string", "Run directory: config, manifest, metrics, "
+         "checkpoints, results and model.keras. The same command resumes an unfinished run "
+         "there."),
+    Flag("run", "overwrite", "bool", "Replace a finished run in --model_dir (otherwise "
+         "refused)."),
+    Flag("run", "seed", "integer", "Seed of the weight initialisation, data order, "
+         "augmentation and attack noise: a run repeats bit for bit on one machine."),
+    Flag("run", "jit_compile", "enum", "XLA for the per-replica attack + loss + gradient "
+         "function. auto: a rule per model, and where it is open (CPU, BatchNorm, 1-2 step "
+         "attack) both modes timed on the first batch; manifest.json says which and why.",
+         ("true", "false", "auto"), default="auto"),
+    Flag("run", "dtype_policy", "enum", "Keras dtype policy: mixed_bfloat16 computes layers "
+         "in bfloat16 (faster on CPUs with AMX), variables and losses in float32.",
+         config_lib.DTYPE_POLICIES),
+    Flag("run", "tensorboard", "bool", "Write TensorBoard events to <model_dir>/tensorboard."),
+    Flag("run", "image_summaries", "bool", "Also write clean and adversarial image grids to "
+         "TensorBoard."),
+    Flag("run", "verbose", "integer", "Keras verbosity: 0 silent, 1 progress bar, 2 one line "
+         "per epoch. Default: 1 on a terminal, else 2.", default=None),
+    # Distribution.
+    Flag("distribution", "strategy", "enum", "tf.distribute strategy: default (one device), "
+         "mirrored (the GPUs of this host), multi_worker (hosts named by TF_CONFIG).",
+         config_lib.STRATEGIES),
+    Flag("distribution", "num_cpu_devices", "integer", "--strategy=mirrored without a GPU: "
+         "split the CPU into N logical devices (for testing)."),
+    Flag("distribution", "sync_batchnorm", "bool", "Synchronise BatchNorm statistics across "
+         "replicas."),
+)
+_DEFINERS = {"enum": flags.DEFINE_enum, "string": flags.DEFINE_string,
+             "integer": flags.DEFINE_integer, "float": flags.DEFINE_float,
+             "bool": flags.DEFINE_bool, "list": flags.DEFINE_list}
+
+
+def default_of(row):
+    """A row's default: its own, else the TrainConfig field's."""
+    if row.default != "<config>":
+        return row.default
+    value = getattr(_DEFAULTS, row.name)
+    return list(value) if row.kind == "list" else value
+
 
 def define_flags(flag_values=flags.FLAGS):
-    """Registers bin/train's flags on ``flag_values`` (a fresh FlagValues in
-    tests)."""
-    d = _DEFAULTS
-    fv = flag_values
-    # Data.
-    _define(fv, flags.DEFINE_enum, "dataset", d.dataset, config_lib.DATASETS, "Dataset.")
-    _define(fv, flags.DEFINE_string,
-        "data_dir", None,
-        "Folder with the canonical offline files (IDX .gz for (fashion_)mnist, "
-        "CIFAR python batches) or a tensorflow-datasets data_dir. Default: "
-        "known offline locations, then tfds' default folder.")
-    _define(fv, flags.DEFINE_integer, "validation_size", None,
-                         "Training examples held out for model selection "
-                         "(default: the dataset's).")
-    _define(fv, flags.DEFINE_integer, "num_train_examples", None,
-                         "Train on the first N training examples only.")
-    # Model and method.
-    _define(fv, flags.DEFINE_enum, "model", d.model, config_lib.MODELS, "Classifier.")
-    _define(fv, flags.DEFINE_bool, "normalize", d.normalize,
-            "First layer normalises by the dataset's mean and std (false: the "
-            "network sees raw [0, 1] pixels, as Wong et al.'s MNIST code).")
-    _define(fv, flags.DEFINE_enum, "init", d.init, config_lib.INITS,
-            "Weight initialisation: keras (Glorot uniform, zero bias) or torch "
-            "(PyTorch's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for kernels "
-            "and biases).")
-    _define(fv, flags.DEFINE_enum, "method", d.method, config_lib.METHODS,
-                      "Robust-training method.")
-    _define(fv, flags.DEFINE_float, "epsilon", d.epsilon,
-                       "L-inf budget in pixel units (inputs in [0, 1]).")
-    _define(fv, flags.DEFINE_float, "epsilon_warmup_epochs",
-            d.epsilon_warmup_epochs,
-            "Ramp epsilon (and the attack step sizes with it) linearly from 0 "
-            "to --epsilon over the first F epochs, updated every step "
-            "(0: no warm-up).")
-    _define(fv, flags.DEFINE_float, "step_size", None,
-                       "Attack step size (default: the method's).")
-    _define(fv, flags.DEFINE_integer, "steps", None, "Attack steps (default: the method's).")
-    _define(fv, flags.DEFINE_float, "gamma", None, "Backward Smoothing logit-noise scale "
-                       "(default 1).")
-    _define(fv, flags.DEFINE_float, "beta", None, "TRADES/BS KL weight (default 6).")
-    for definer, name, help_text in _METHOD_KWARG_FLAGS:
-        _define(fv, definer, name, None, help_text)
-    # Optimisation.
-    _define(fv, flags.DEFINE_integer, "epochs", d.epochs, "Training epochs.")
-    _define(fv, flags.DEFINE_integer, "batch_size", d.batch_size,
-                         "GLOBAL batch size (split across replicas).")
-    _define(fv, flags.DEFINE_enum, "optimizer", d.optimizer, config_lib.OPTIMIZERS,
-                      "Optimizer.")
-    _define(fv, flags.DEFINE_float, "lr", d.lr, "Peak learning rate.")
-    _define(fv, flags.DEFINE_float, "momentum", d.momentum, "SGD momentum.")
-    _define(fv, flags.DEFINE_enum, "lr_schedule", d.lr_schedule, config_lib.LR_SCHEDULES,
-                      "piecewise: /10 at 50% and 75% of training (the paper); "
-                      "cyclic: linear up to lr at 40% then down to 0; cosine.")
-    _define(fv, flags.DEFINE_list, "lr_boundaries", list(d.lr_boundaries),
-            "piecewise only: the epochs (floats, increasing) at which the "
-            "learning rate is divided by 10, e.g. 2.5 or 2.5,3.75 (empty: at "
-            "50% and 75% of training).")
-    _define(fv, flags.DEFINE_float, "weight_decay", d.weight_decay,
-                       "Weight decay, Keras' decoupled form (w -= lr * wd * w); the "
-                       "PyTorch references add wd * w to the gradient instead "
-                       "(BUILD_NOTES.md).")
-    # Run.
-    _define(fv, flags.DEFINE_string, "model_dir", d.model_dir, "Run directory.")
-    _define(fv, flags.DEFINE_bool, "overwrite", d.overwrite,
-                      "Replace a finished run in model_dir.")
-    _define(fv, flags.DEFINE_integer, "seed", d.seed, "Seed for init, data order, noise.")
-    _define(fv, flags.DEFINE_enum, "jit_compile", "auto", ["true", "false", "auto"],
-                      "XLA for the per-replica attack+loss+gradient function. auto: a "
-                      "rule per model, and where it is open (CPU, BatchNorm, 1-2 step "
-                      "attack) both modes timed on the first batch; manifest.json says "
-                      "which and why.")
-    _define(fv, flags.DEFINE_integer, "eval_every", d.eval_every,
-                         "Robust validation every N epochs (0: never).")
-    _define(fv, flags.DEFINE_integer, "eval_examples", d.eval_examples,
-                         "Validation examples for the robust evaluation.")
-    _define(fv, flags.DEFINE_integer, "eval_pgd_steps", d.eval_pgd_steps,
-                         "PGD steps of the validation robust evaluation.")
-    _define(fv, flags.DEFINE_integer, "test_examples", None,
-                         "Test examples for the final report (default: all).")
-    _define(fv, flags.DEFINE_integer, "test_pgd_steps", d.test_pgd_steps,
-                         "PGD steps of the final test evaluation.")
-    _define(fv, flags.DEFINE_integer, "test_autoattack_examples", d.test_autoattack_examples,
-            "After the final PGD evaluation, attack the first N test images with "
-            "autoattack_lite (APGD-CE, then APGD-T) as well, and warn when PGD on the "
-            "same images is more than 10 points more accurate (gradient masking: PGD "
-            "overestimates robustness). 0: off.")
-    _define(fv, flags.DEFINE_enum, "strategy", d.strategy, config_lib.STRATEGIES,
-                      "Distribution strategy.")
-    _define(fv, flags.DEFINE_integer, "num_cpu_devices", d.num_cpu_devices,
-                         "With --strategy=mirrored and no GPU: split the CPU "
-                         "into N logical devices (testing).")
-    _define(fv, flags.DEFINE_enum, "dtype_policy", d.dtype_policy, config_lib.DTYPE_POLICIES,
-                      "Keras dtype policy.")
-    _define(fv, flags.DEFINE_bool, "sync_batchnorm", d.sync_batchnorm,
-                      "Synchronise BatchNorm statistics across replicas.")
-    _define(fv, flags.DEFINE_bool, "tensorboard", d.tensorboard, "Write TensorBoard events.")
-    _define(fv, flags.DEFINE_bool, "image_summaries", d.image_summaries,
-                      "Write clean/adversarial image grids to TensorBoard.")
-    # Catastrophic-overfitting guard.
-    _define(fv, flags.DEFINE_bool, "co_guard", d.co_guard,
-            "Watch for catastrophic overfitting (PGD vs FGSM accuracy on a fixed "
-            "training batch), roll back and mitigate (docs/CO_GUARD.md).")
-    _define(fv, flags.DEFINE_integer, "co_guard_every", d.co_guard_every,
-            "Guard measurement every N training steps.")
-    _define(fv, flags.DEFINE_integer, "co_guard_examples", d.co_guard_examples,
-            "Fixed training examples the guard measures on.")
-    _define(fv, flags.DEFINE_integer, "co_guard_pgd_steps", d.co_guard_pgd_steps,
-            "PGD steps of the guard's measurement.")
-    _define(fv, flags.DEFINE_enum, "co_guard_rule", d.co_guard_rule,
-            config_lib.CO_RULES, "Collapse rule (docs/CO_GUARD.md).")
-    _define(fv, flags.DEFINE_float, "co_guard_drop", d.co_guard_drop,
-            "Collapse: PGD accuracy fell this much below its recent best.")
-    _define(fv, flags.DEFINE_float, "co_guard_gap", d.co_guard_gap,
-            "Collapse: FGSM accuracy exceeds PGD accuracy by this much.")
-    _define(fv, flags.DEFINE_float, "co_guard_floor", d.co_guard_floor,
-            "floor_and_gap rule: PGD accuracy at or below this.")
-    _define(fv, flags.DEFINE_enum, "co_guard_policy", d.co_guard_policy,
-            config_lib.CO_POLICIES, "Mitigation after a rollback.")
-    _define(fv, flags.DEFINE_float, "co_guard_factor", d.co_guard_factor,
-            "shrink_step: multiply the step size by this.")
-    _define(fv, flags.DEFINE_enum, "co_guard_fallback", d.co_guard_fallback,
-            config_lib.METHODS, "switch_method: the method to switch to.")
-    _define(fv, flags.DEFINE_integer, "co_guard_max_collapses",
-            d.co_guard_max_collapses, "Stop after this many collapses.")
-    # Failed runs.
-    _define(fv, flags.DEFINE_integer, "failure_restarts", d.failure_restarts,
-            "Restart training from scratch with a new seed (seed + 1000003 * k) up "
-            "to N times when, at the end of an epoch at full epsilon, the accuracy "
-            "on the method's own training attack exceeds the validation PGD "
-            "accuracy by more than --failure_gap (the failed attempt is kept in "
-            "attempt_K/ and counted in the training time).")
-    _define(fv, flags.DEFINE_float, "failure_gap", d.failure_gap,
-            "Training-attack minus validation PGD accuracy that marks a failed run.")
-    _define(fv, flags.DEFINE_float, "failure_warmup_gap", d.failure_warmup_gap,
-            "Also judge the epoch in which the epsilon warm-up ends, with this "
-            "(looser) gap; a failure found there restarts one epoch earlier "
-            "(1, the default: never, a gap of accuracies cannot exceed 1).")
-    _define(fv, flags.DEFINE_bool, "failure_rollback", d.failure_rollback,
-            "Start the next attempt after a failure from the checkpoint at the "
-            "start of the failed epoch (with the new seed: new data order and "
-            "attack draws) instead of from scratch; only the discarded epochs "
-            "are counted as the failed attempt's cost.")
-    _define(fv, flags.DEFINE_enum, "failure_data", d.failure_data,
-            config_lib.FAILURE_DATA,
-            "What the failure check measures PGD accuracy on: 'validation' (the "
-            "validation split, at each robust validation) or 'train' (a fixed, "
-            "seeded subset of --failure_examples training images, measured with "
-            "PGD-<failure_pgd_steps> at each judged epoch: no validation split needed).")
-    _define(fv, flags.DEFINE_integer, "failure_examples", d.failure_examples,
-            "--failure_data=train: how many training images the check attacks.")
-    _define(fv, flags.DEFINE_integer, "failure_pgd_steps", d.failure_pgd_steps,
-            "--failure_data=train: the PGD steps of the check's attack (step size "
-            "2.5*eps/steps, one random start); 0: --eval_pgd_steps. The final NOT ROBUST "
-            "check uses --test_pgd_steps (20).")
-    _define(fv, flags.DEFINE_float, "failure_overestimate_gap", d.failure_overestimate_gap,
-            "--failure_data=train: at each judged epoch also run autoattack_lite on the "
-            "check's images and fail the attempt when its PGD accuracy there exceeds "
-            "the autoattack_lite accuracy by more than this (gradient masking that PGD "
-            "misses; the final check's warning uses 0.1); attempts are then compared by "
-            "the worst case of both attacks. 1 (default): off.")
-    _define(fv, flags.DEFINE_enum, "failure_keep", d.failure_keep, config_lib.FAILURE_KEEP,
-            "When every attempt fails the check (the last one allowed trains to the "
-            "end): 'best' exports the attempt whose weights are most accurate under "
-            "the check's PGD on the check's images (all attempts measured on the same "
-            "images, recorded in results.json), 'last' the last attempt.")
-    _define(fv, flags.DEFINE_integer, "failure_from_epoch", d.failure_from_epoch,
-            "Judge only epochs from this one on (1-based; 0: from the first epoch "
-            "trained at full epsilon). --failure_from_epoch=<epochs> judges the "
-            "finished run only, for recipes whose healthy runs dip mid-training.")
-    _define(fv, flags.DEFINE_integer, "verbose", None, "Keras verbosity: 0 silent, 1 "
-                         "progress bar, 2 one line per epoch (default: 1 on a "
-                         "terminal, else 2).")
+    """Registers bin/train's flags (:data:`TRAIN_FLAGS`) on ``flag_values``
+    (a fresh FlagValues in tests)."""
+    for row in TRAIN_FLAGS:
+        args = (row.name, default_of(row))
+        if row.kind == "enum":
+            args += (list(row.choices),)
+        _define(flag_values, _DEFINERS[row.kind], *args, row.help)
+
+
+def train_help(program="bin/train"):
+    """``bin/train --help``: every flag of :data:`TRAIN_FLAGS` by section,
+    with its kind or choices and its default."""
+    lines = [f"usage: {program} --flagfile=FILE [--flag=value ...]", "",
+             "  --flagfile=FILE: read flags from FILE, one --name=value a line "
+             "(experiments/*.flags); later flags override it.", ""]
+    for section in SECTIONS:
+        lines.append(f"{section.capitalize()}:")
+        for row in (r for r in TRAIN_FLAGS if r.section == section):
+            what = "|".join(row.choices) if row.kind == "enum" else row.kind
+            default = default_of(row)
+            shown = ("none" if default is None
+                     else ",".join(map(str, default)) if row.kind == "list"
+                     else str(default).lower() if row.kind == "bool" else default)
+            text = row.help if "default" in row.help.lower() else f"{row.help} (default: {shown})"
+            text = textwrap.fill(text, width=96, initial_indent="      ",
+                                 subsequent_indent="      ", break_on_hyphens=False)
+            lines += [f"  --{row.name}=<{what}>", text]
+        lines.append("")
+    return "\n".join(lines)
 
 
 def define_eval_flags(flag_values=flags.FLAGS):
@@ -328,15 +387,7 @@ def run_defaults(FLAGS):  # noqa: N803
     belongs to another dataset than the one given, is not taken.
     Both are empty without a readable config.json."""
     path = FLAGS["model_path"].value
-    if not path:
-        return {}, {}
-    folder = path if os.path.isdir(path) else os.path.dirname(path)
-    try:  # train_lib.CONFIG; train_lib itself would load TensorFlow before the flags are checked
-        recorded = fileio.read_json(os.path.join(folder, "config.json"), default={})
-    except (OSError, ValueError):
-        return {}, {}
-    if not isinstance(recorded, dict):
-        return {}, {}
+    recorded = run_dir.recorded_config(path) if path else {}
     taken, differs = {}, {}
     for name in RUN_DEFAULTS:  # dataset first: the run's folder holds the run's dataset only
         value = recorded.get(name)

@@ -3,7 +3,7 @@
 A :class:`Method` pairs an attack (how the training adversarial examples are
 made) with an objective (which per-example terms are minimised). Adding a
 method is one :func:`register` call, its name in ``config.METHODS``, a
-flag row in ``flags._METHOD_KWARG_FLAGS`` for each new keyword and a
+flag row in ``flags.TRAIN_FLAGS`` (and ``flags._METHOD_KWARGS``) for each new keyword and a
 hand-computed test (BUILD_NOTES.md, "Adding a method / dataset / model /
 attack", lists every file; tests fail until the lists agree).
 

@@ -27,125 +27,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
-import typing
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_backsmooth import attacks, cpu, fastgrad, fused_bn, objectives, rng, schedules
+from tf_backsmooth import cpu, fastgrad, fused_bn, objectives, rng, schedules, xla_plan
 from tf_backsmooth import methods as methods_lib
 
 log = logging.getLogger("tf_backsmooth")
 
 TRAIN_METRICS = ("loss", "natural_loss", "robust_loss", "clean_accuracy",
                  "adv_accuracy")
-
-
-def resolve_xla(request, batch_norm=False, attack_steps=0):
-    """Turns a ``jit_compile`` request (True/False/"auto") into ``(used, why)``.
-
-    ``"auto"`` never enables XLA with op determinism on (XLA has no
-    deterministic kernels for every op); otherwise it enables it where a GPU
-    is visible. On a CPU it keeps graph mode, except that for a model with
-    BatchNorm (``batch_norm``) trained with an attack whose loop is unrolled
-    (``1 <= attack_steps <= attacks.UNROLL_MAX_STEPS``) the choice is left to
-    a measurement (:func:`xla_needs_measurement`,
-    :meth:`RobustModel.measure_xla`): there XLA fuses Keras' unfused
-    BatchNorm arithmetic and the short attack, and the BS step of ResNet-18
-    ran 1.65x faster under XLA on one of our CPUs and 1.22x slower on
-    another (BUILD_NOTES.md, "Backward Smoothing step: profile and speed").
-    Graph mode stayed faster on every CPU without BatchNorm (SmallCNN),
-    without an attack, and around ``tf.while_loop`` attack loops (TRADES-10,
-    PGD-10: 4x slower under XLA). Until measured, such a model runs in graph
-    mode. Unlike Keras' own ``"auto"``, XLA stays available under a
-    distribution strategy, because only the per-replica function is
-    compiled.
-    """
-    if request is True:
-        return True, "requested"
-    if request is False or request is None:
-        return False, "requested off"
-    if request != "auto":
-        raise ValueError(f"jit_compile must be True, False or 'auto', got {request!r}")
-    # Not exported under tf.config; Keras' own "auto" reads the same function.
-    from tensorflow.python.framework.config import is_op_determinism_enabled
-    if is_op_determinism_enabled():
-        return False, "auto: op determinism is enabled"
-    if tf.config.list_physical_devices("GPU"):
-        return True, "auto: GPU present"
-    if not batch_norm:
-        return False, "auto: CPU, no BatchNorm (graph mode measured faster)"
-    if attack_steps < 1:
-        return False, "auto: CPU, no attack (graph mode measured faster)"
-    if attack_steps > attacks.UNROLL_MAX_STEPS:
-        return False, (f"auto: CPU, {attack_steps}-step attack loop "
-                       "(tf.while_loop; graph mode measured faster)")
-    return False, (f"auto: CPU, BatchNorm and a {attack_steps}-step unrolled "
-                   f"attack{_UNMEASURED}")
-
-
-# The end of resolve_xla's reason when the choice is left to a measurement.
-_UNMEASURED = ": graph mode until XLA and graph mode are timed on a batch"
-
-
-def xla_needs_measurement(request, batch_norm=False, attack_steps=0):
-    """Whether ``resolve_xla(request, ...)`` leaves the choice between XLA
-    and graph mode to a measurement (``"auto"`` on a CPU, BatchNorm, an
-    unrolled attack loop; see :func:`resolve_xla`)."""
-    return (request == "auto"
-            and resolve_xla(request, batch_norm, attack_steps)[1].endswith(
-                _UNMEASURED))
-
-
-# measure_xla picks XLA only when it is at least this much faster (ties go to
-# graph mode: no compile time, and the same kernels as the other steps).
-XLA_MARGIN = 0.05
-
-
-def _timed(fn, args, xla):
-    """Seconds one call of the per-replica step ``fn`` takes (its results
-    fetched to the host, so the work is done). ``xla`` says which mode ``fn``
-    is; a hook for tests."""
-    del xla
-    start = time.perf_counter()
-    _, stats = fn(*args)
-    np.asarray(stats["loss"])
-    return time.perf_counter() - start
-
-
-def _first_batch(x, y=None, batch_size=None):
-    """``(x, y, sample_weight)`` of the first batch ``fit`` will see, read
-    without consuming it, or None (no labels, a generator, dict inputs)."""
-    if isinstance(x, tf.data.Dataset):
-        batch = next(iter(x.take(1)), None)
-    elif isinstance(x, keras.utils.PyDataset):
-        batch = x[0]
-    elif y is not None and (isinstance(x, (np.ndarray, tf.Tensor))
-                            or hasattr(x, "__array__")):
-        n = batch_size or 32
-        batch = (x[:n], y[:n])
-    else:
-        return None
-    if not isinstance(batch, tuple):
-        return None
-    bx, by, bw = keras.utils.unpack_x_y_sample_weight(batch)
-    if by is None or isinstance(bx, (dict, list, tuple)):
-        return None
-    return bx, by, bw
-
-
-class StepPlan(typing.NamedTuple):
-    """How ``compile`` runs the per-replica step: ``xla`` and its ``reason``
-    (see :func:`resolve_xla`), and ``inline``: the step runs inside Keras'
-    train function, without a nested ``tf.function`` (``run_eagerly``, and
-    synchronised BatchNorm, whose cross-replica ``merge_call`` neither XLA
-    nor a nested ``tf.function`` supports)."""
-
-    xla: bool
-    reason: str
-    inline: bool
 
 
 _BATCH_STAT_LAYERS = (keras.layers.BatchNormalization,)
@@ -259,7 +152,7 @@ class RobustModel(keras.Model):
         # clean_accuracy always exists: test_step reports it.
         self._trackers = {n: keras.metrics.Mean(name=n)
                           for n in TRAIN_METRICS}
-        self._plan = StepPlan(False, "not compiled", False)
+        self._plan = xla_plan.StepPlan(False, "not compiled", False)
         self._step_fn = None
         # measure_xla's decisions, keyed on _measure_key().
         self._xla_measured = {}
@@ -398,15 +291,15 @@ class RobustModel(keras.Model):
             with self.distribute_strategy.scope():
                 self.optimizer.build(self.trainable_variables)
         if run_eagerly:
-            self._plan = StepPlan(False, "run_eagerly", True)
+            self._plan = xla_plan.StepPlan(False, "run_eagerly", True)
         elif any(getattr(layer, "synchronized", False)
                  for layer in self.base_model._flatten_layers()):
             # Synchronised BatchNorm all-reduces inside the step: a
             # cross-replica merge_call, which neither XLA nor a nested
             # tf.function supports, so the step is inlined in Keras' graph.
-            self._plan = StepPlan(False, "synchronized BatchNorm", True)
+            self._plan = xla_plan.StepPlan(False, "synchronized BatchNorm", True)
         else:
-            self._plan = StepPlan(*resolve_xla(jit_compile, **self._xla_facts()),
+            self._plan = xla_plan.StepPlan(*xla_plan.resolve_xla(jit_compile, **self._xla_facts()),
                                   False)
         self._jit_request = jit_compile
         self._step_fn = None
@@ -538,7 +431,7 @@ class RobustModel(keras.Model):
         return grads, stats
 
     def _xla_facts(self):
-        """What ``jit_compile="auto"`` decides on (see :func:`resolve_xla`)."""
+        """What ``jit_compile="auto"`` decides on (see :func:`xla_plan.resolve_xla`)."""
         return {"batch_norm": not self.batch_independent,
                 "attack_steps": (self.params.steps if self.method.attack
                                  is not None else 0)}
@@ -550,14 +443,14 @@ class RobustModel(keras.Model):
     def _measurement_pending(self):
         return (getattr(self, "_jit_request", None) == "auto"
                 and not self._plan.inline
-                and xla_needs_measurement("auto", **self._xla_facts())
+                and xla_plan.xla_needs_measurement("auto", **self._xla_facts())
                 and self._measure_key() not in self._xla_measured)
 
     def measure_xla(self, x, y=None, batch_size=None, repeats=3):
         """Chooses XLA or graph mode for the per-replica step by timing both.
 
         Only acts where ``compile(jit_compile="auto")`` left the choice to a
-        measurement (:func:`xla_needs_measurement`: a CPU, BatchNorm, an
+        measurement (:func:`xla_plan.xla_needs_measurement`: a CPU, BatchNorm, an
         unrolled attack); ``fit`` calls it on its first batch. It takes the
         first batch of ``x`` (a ``tf.data.Dataset``, a ``PyDataset``, or
         arrays with labels ``y`` and ``batch_size``, default 32), runs the
@@ -576,16 +469,16 @@ class RobustModel(keras.Model):
         """
         if not self._measurement_pending():
             return self.xla, self.xla_reason
-        rule = resolve_xla("auto", **self._xla_facts())[1]
-        rule = rule[:-len(_UNMEASURED)]
+        rule = xla_plan.resolve_xla("auto", **self._xla_facts())[1]
+        rule = rule[:-len(xla_plan.UNMEASURED)]
         fn = None
         if type(self.distribute_strategy).__name__ != "_DefaultDistributionStrategy":
-            plan = StepPlan(False, rule + ": not measured under a distribution "
+            plan = xla_plan.StepPlan(False, rule + ": not measured under a distribution "
                             "strategy; graph mode", False)
         else:
-            batch = _first_batch(x, y, batch_size)
+            batch = xla_plan.first_batch(x, y, batch_size)
             if batch is None:
-                plan = StepPlan(False, rule + ": not measured (no batch with "
+                plan = xla_plan.StepPlan(False, rule + ": not measured (no batch with "
                                 "labels could be read ahead); graph mode", False)
             else:
                 plan, fn = self._time_modes(batch, rule, repeats)
@@ -607,32 +500,15 @@ class RobustModel(keras.Model):
         epsilon = (self.epsilon_at(step) if self.epsilon_schedule is not None
                    else None)
         args = (x, y, sample_weight, self.step_seed(step, 0), epsilon)
-        fns = {xla: tf.function(self._grads_and_stats, jit_compile=xla,
-                                reduce_retracing=True) for xla in (False, True)}
-        variables = self.base_model.variables
-        saved = [np.array(v.numpy()) for v in variables]
-        try:
-            first = {xla: _timed(fns[xla], args, xla) for xla in (False, True)}
-            best = {False: float("inf"), True: float("inf")}
-            for _ in range(max(1, repeats)):
-                for xla in (False, True):
-                    best[xla] = min(best[xla], _timed(fns[xla], args, xla))
-        finally:
-            for v, value in zip(variables, saved):
-                v.assign(value)
-        use = best[True] < best[False] * (1 - XLA_MARGIN)
-        reason = (f"{rule}: measured on a batch of {int(x.shape[0])}: XLA "
-                  f"{best[True] * 1e3:.0f} ms, graph {best[False] * 1e3:.0f} ms "
-                  f"per step (first calls {first[True]:.1f} s / "
-                  f"{first[False]:.1f} s)")
-        return StepPlan(use, reason, False), fns[use]
+        return xla_plan.time_modes(self._grads_and_stats, args, self.base_model.variables,
+                                   rule, repeats)
 
     def _get_step_fn(self):
         if self._step_fn is None:
             if (getattr(self, "_jit_request", None) == "auto"
                     and not self._plan.inline):
                 # set_params / switch_method may have changed the attack.
-                plan = StepPlan(*resolve_xla("auto", **self._xla_facts()), False)
+                plan = xla_plan.StepPlan(*xla_plan.resolve_xla("auto", **self._xla_facts()), False)
                 plan = self._xla_measured.get(self._measure_key(), plan)
                 if plan != self._plan:
                     log.info("RobustModel(%s): XLA for the per-replica step "

@@ -1,4 +1,6 @@
-"""Epsilon schedules: the attack budget as a function of the training step.
+"""Schedules: epsilon (the attack budget) and the learning rate, per training step.
+
+:func:`learning_rate` builds a run's learning-rate schedule from its config.
 
 A schedule is any callable ``step -> epsilon`` (pixel units) that accepts an
 int64/float tensor ``step`` (the optimizer's ``iterations`` before the update)
@@ -62,3 +64,54 @@ def check_schedule(schedule):
             "keras LearningRateSchedule or tf_backsmooth.schedules."
             f"EpsilonWarmup), got {schedule!r}")
     return schedule
+
+
+# ------------------------------------------------------------ learning rate
+def learning_rate(config, steps_per_epoch):
+    """The learning rate of a run (``config.lr``, ``lr_schedule``, ``lr_boundaries``,
+    ``epochs``): a float, or a Keras schedule of the optimizer step."""
+    total = config.epochs * steps_per_epoch
+    lr = config.lr
+    if config.lr_schedule == "constant":
+        return lr
+    if config.lr_schedule == "piecewise":
+        if config.lr_boundaries:
+            bounds = [int(round(b * steps_per_epoch)) for b in config.lr_boundaries]
+            # Boundaries closer than one step would share a step: keep them
+            # strictly increasing (PiecewiseConstantDecay's requirement).
+            for i in range(1, len(bounds)):
+                bounds[i] = max(bounds[i], bounds[i - 1] + 1)
+        else:
+            bounds = [max(1, int(total * 0.5)), max(2, int(total * 0.75))]
+        return keras.optimizers.schedules.PiecewiseConstantDecay(
+            bounds, [lr / 10 ** i for i in range(len(bounds) + 1)])
+    if config.lr_schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(lr, max(total, 1))
+    # cyclic: linear 0 -> lr over the first 40%, then lr -> 0 (Wong et al.).
+    return CyclicSchedule(lr, total)
+
+
+def _cyclic_class():
+    @keras.saving.register_keras_serializable("tf_backsmooth")
+    class _CyclicSchedule(keras.optimizers.schedules.LearningRateSchedule):
+        """Triangular one-cycle schedule: 0 -> peak at 40% -> 0 at the end."""
+
+        def __init__(self, peak, total_steps):
+            self.peak, self.total_steps = float(peak), int(max(total_steps, 1))
+
+        def __call__(self, step):
+            step = keras.ops.cast(step, "float32")
+            up = self.total_steps * 0.4
+            rise = step / up
+            fall = (self.total_steps - step) / (self.total_steps - up)
+            return self.peak * keras.ops.clip(
+                keras.ops.minimum(rise, fall), 0.0, 1.0)
+
+        def get_config(self):
+            return {"peak": self.peak, "total_steps": self.total_steps}
+
+    return _CyclicSchedule
+
+
+def CyclicSchedule(peak, total_steps):  # noqa: N802
+    return _cyclic_class()(peak, total_steps)
