@@ -732,7 +732,7 @@ def finish_pipeline(ds):
     With autotuning on, deleting an iterator (at the end of every ``fit``)
     blocks until the autotune thread's next wake-up, and those wake-ups back
     off exponentially: measured on TF 2.21 here, ``fit`` calls with 2.6 s of
-    work returned after 5.11 s in 3 of 6 tries, and ``bench/tfdata_teardown.py``
+    work returned after 5.11 s in 3 of 6 tries, and ``git show 8b0fbb2:./bench/tfdata_teardown.py``
     saw deletions wait 0.12-1.10 s (none with autotuning off). Our pipelines
     are in-memory gathers plus an optional crop/flip, so fixed settings lose
     nothing: parallel maps use ``tf.data.AUTOTUNE``, which without autotuning
