@@ -25,6 +25,8 @@ CASES = [
     ("small_cnn", CIFAR, {}, None),
     ("mnist_cnn", MNIST, {}, 166406),
     ("mnist_cnn", CIFAR, {}, None),
+    # Madry et al.: 5*5*32+32 + 5*5*32*64+64 + 7*7*64*1024+1024 + 1024*10+10.
+    ("madry_cnn", MNIST, {}, 3274634),
     ("mlp", MNIST, {"hidden": 16}, 784 * 16 + 16 + 16 * 10 + 10),
     ("mlp", CIFAR, {}, None),
     ("resnet18", CIFAR, {}, 11173962),
@@ -115,7 +117,7 @@ def test_batchnorm_settings_and_has_batchnorm():
 
 
 def test_registry():
-    assert {"small_cnn", "mnist_cnn", "mlp", "preact_resnet18", "resnet18",
+    assert {"small_cnn", "mnist_cnn", "madry_cnn", "mlp", "preact_resnet18", "resnet18",
             "wide_resnet"} <= set(models.MODELS)
     with pytest.raises(ValueError, match="valid names: .*small_cnn"):
         models.get("no_such_model", 10, MNIST)
@@ -239,5 +241,8 @@ def test_config_names_match_the_registries():
     assert set(config.METHODS) == set(methods.names())
     assert set(config.MODELS) == set(models.MODELS)
     assert set(config.DATASETS) == set(data.DATASETS)
-    assert set(config.CO_RULES) == set(co_guard.RULES)
+    for rule in config.CO_RULES:  # every listed rule is one collapse_detected knows
+        assert co_guard.collapse_detected([0.9], 0.0, 0.9, rule=rule) in (True, False)
+    with pytest.raises(config.ConfigError, match="rule must be one of"):
+        co_guard.collapse_detected([0.9], 0.0, 0.9, rule="no_such_rule")
     assert set(config.CO_POLICIES) == set(co_guard.POLICIES) - {"none"}  # "none" = --co_guard=false

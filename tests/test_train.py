@@ -145,7 +145,7 @@ def finished_run(tmp_path_factory):
     if not (path / "train-images-idx3-ubyte.gz").exists():
         pytest.skip("real MNIST not available")
     run_dir = tmp_path_factory.mktemp("runs") / "full"
-    proc = _run(_tiny(run_dir, path))
+    proc = _run(_tiny(run_dir, path, "--curve_every=3", "--curve_examples=64"))
     assert proc.returncode == 0, proc.stderr[-4000:]
     return run_dir, proc
 
@@ -172,6 +172,24 @@ def test_run_directory_contents(finished_run):
                                [0.1 * min(1.0, 8 * e / 24) for e in (1, 2, 3, 4)], rtol=1e-5)
     assert "robust test accuracy" in proc.stdout
     assert "autoattack_lite accuracy" in proc.stdout
+    # The robustness curve: every 3 epochs and after the last, on 64 test images.
+    curve = [r for r in records if "curve_autoattack_lite_accuracy" in r]
+    assert [r["epoch"] for r in curve] == [3, 4]
+    for r in curve:
+        assert 0 <= r["curve_autoattack_lite_accuracy"] <= r["curve_clean_accuracy"] <= 1
+        assert r["curve_autoattack_lite_accuracy"] <= r["curve_pgd_accuracy"] + 1 / 64
+        assert r["curve_seconds"] > 0 and r["epoch_seconds"] > 0
+    assert results["train_seconds"] == pytest.approx(sum(r["epoch_seconds"] for r in records))
+    # The model card: RobustBench's fields, the cost and where it ran.
+    card = results["model_card"]
+    assert (card["dataset"], card["threat_model"], card["eps"], card["architecture"]) == (
+        "mnist", "Linf", 0.1, "small_cnn")
+    assert card["clean_acc"] == round(100 * results["clean_accuracy"], 2)
+    assert card["robust_acc"] == round(100 * results["autoattack_lite"]["autoattack_lite_accuracy"], 2)
+    assert card["robust_attack"].startswith("autoattack_lite") and card["robust_test_examples"] == 64
+    assert (card["train_seconds"], card["grad_evals"]) == (results["train_seconds"], results["grad_evals"])
+    assert card["hardware"]["cores"] >= 1 and card["tensorflow"] == manifest["tensorflow"]
+    assert card["commit"] == manifest["source_commit"]
 
 
 @pytest.mark.slow

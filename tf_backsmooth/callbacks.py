@@ -64,6 +64,48 @@ class RobustValidation(keras.callbacks.Callback):
         logs["val_robust_accuracy"] = float(report["robust_accuracy"])
 
 
+class ComputeCurve(keras.callbacks.Callback):
+    """Robustness against compute: every ``every`` epochs (and after the last,
+    ``total_epochs``) autoattack_lite (APGD-CE, then APGD-T on what it left)
+    and PGD-20 on fixed test images (``x``, ``y``), at the full ``epsilon``,
+    logged as ``curve_clean_accuracy``, ``curve_pgd_accuracy`` and
+    ``curve_autoattack_lite_accuracy`` beside that epoch's cumulative
+    ``grad_evals`` and ``epoch_seconds`` (:class:`RunLog` must come after it:
+    it writes them, and leaves this callback's own ``curve_seconds`` out of
+    ``epoch_seconds``, so the training time on the curve's axis is training
+    only). Seeded: every epoch's evaluation draws the same random starts."""
+
+    def __init__(self, x, y, epsilon, every, total_epochs, seed=0, batch_size=500):
+        super().__init__()
+        self.x, self.y = x, y
+        self.epsilon, self.every, self.total_epochs = epsilon, int(every), total_epochs
+        self.seed, self.batch_size = seed, batch_size
+
+    def due(self, epoch):
+        """Whether 0-based ``epoch`` ends with a curve point."""
+        return self.every > 0 and ((epoch + 1) % self.every == 0
+                                   or epoch + 1 == self.total_epochs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None or not self.due(epoch) or not _finite_loss(logs):
+            return
+        from tf_backsmooth import evaluation
+        start = time.perf_counter()
+        report = evaluation.evaluate(
+            self.model.base_model, self.x, self.y, [self.epsilon],
+            attacks=("pgd", "autoattack_lite"), batch_size=self.batch_size,
+            pgd_steps=20, seed=self.seed)
+        accuracies = next(iter(report["attacks"].values()))
+        logs["curve_clean_accuracy"] = float(report["clean_accuracy"])
+        logs["curve_pgd_accuracy"] = float(accuracies["pgd"])
+        logs["curve_autoattack_lite_accuracy"] = float(accuracies["autoattack_lite"])
+        logs["curve_seconds"] = time.perf_counter() - start
+        log.info("curve at epoch %d: autoattack_lite %.4f, PGD-20 %.4f, clean %.4f on %d "
+                 "test images (%.1f s)", epoch + 1, logs["curve_autoattack_lite_accuracy"],
+                 logs["curve_pgd_accuracy"], logs["curve_clean_accuracy"], len(self.y),
+                 logs["curve_seconds"])
+
+
 class BestCheckpoint(keras.callbacks.Callback):
     """Keeps the base classifier's weights with the best ``monitor`` value.
 
@@ -328,7 +370,8 @@ class RunLog(keras.callbacks.Callback):
         if logs is None:
             return
         opt = self.model.optimizer
-        seconds = time.perf_counter() - self._start
+        # Training time: the robustness curve's own evaluation is left out.
+        seconds = time.perf_counter() - self._start - logs.get("curve_seconds", 0.0)
         logs["learning_rate"] = float(keras.ops.convert_to_numpy(
             opt.learning_rate))
         logs["examples_per_second"] = (self._batches * self.global_batch_size

@@ -172,7 +172,7 @@ def as_dict(record) -> dict:
 # ----------------------------------------------------------------------------
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn_cropped")
 SPLITS = ("train", "validation", "test")
-MODELS = ("small_cnn", "mnist_cnn", "mlp", "preact_resnet18", "resnet18",
+MODELS = ("small_cnn", "mnist_cnn", "madry_cnn", "mlp", "preact_resnet18", "resnet18",
           "wide_resnet")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "piecewise", "cyclic", "cosine")
@@ -263,6 +263,10 @@ class TrainConfig:
     test_examples: int | None = None
     test_pgd_steps: int = 20
     test_autoattack_examples: int = 0
+    # Robustness against compute: autoattack_lite on the first curve_examples
+    # test images every curve_every epochs (and after the last); 0: off.
+    curve_every: int = 0
+    curve_examples: int = 1000
     strategy: str = "default"
     num_cpu_devices: int = 0
     dtype_policy: str = "float32"
@@ -358,6 +362,8 @@ class TrainConfig:
         check_int("test_examples", self.test_examples, low=1, allow_none=True)
         check_int("test_pgd_steps", self.test_pgd_steps, low=1)
         check_int("test_autoattack_examples", self.test_autoattack_examples, low=0)
+        check_int("curve_every", self.curve_every, low=0)
+        check_int("curve_examples", self.curve_examples, low=1)
         check_int("num_cpu_devices", self.num_cpu_devices, low=0, high=64)
         check_int("verbose", self.verbose, low=0, high=2)
         if not self.model_dir:

@@ -93,6 +93,21 @@ def cpu_flags(cpuinfo: Optional[str] = None) -> Optional[frozenset]:
     return frozenset()
 
 
+def cpu_model(cpuinfo: Optional[str] = None) -> Optional[str]:
+    """The first ``model name`` of ``cpuinfo`` (default as :func:`cpu_flags`),
+    e.g. ``"AMD EPYC"``; None where unknown."""
+    if cpuinfo is None:
+        cpuinfo = os.environ.get(CPUINFO_ENV) or "/proc/cpuinfo"
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[-1].strip()
+    except OSError:
+        return None
+    return None
+
+
 def isa(flags) -> str:
     """The CPU's widest vector ISA: ``"AMX"``, ``"AVX-512"``, ``"AVX2"``,
     ``"AVX"``, ``"SSE"``, or ``"unknown"`` (no flags)."""
@@ -189,6 +204,8 @@ def describe() -> dict:
     flags = cpu_flags()
     choice = choose()
     return {
+        "model": cpu_model(),
+        "cores": os.cpu_count(),
         "isa": isa(flags),
         "flags": None if flags is None else [f for f in REPORTED_FLAGS if f in flags],
         "onednn": {"chosen": choice.enabled, "by": choice.source, "reason": choice.reason,

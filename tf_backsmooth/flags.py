@@ -157,6 +157,13 @@ TRAIN_FLAGS = (
          "images with autoattack_lite (APGD-CE, then APGD-T) at the end, and warn "
          "(OVERESTIMATED) when PGD leaves more than 10 points more of them robust (gradient "
          "masking). 0: off."),
+    Flag("evaluation", "curve_every", "integer", "Robustness against compute: every N epochs "
+         "(and after the last) attack the first --curve_examples test images with "
+         "autoattack_lite and record it with the training seconds and gradient evaluations "
+         "so far (metrics.jsonl, TensorBoard; bench/robustness_vs_compute.py draws it); its "
+         "own time is not counted as training. 0: off."),
+    Flag("evaluation", "curve_examples", "integer", "--curve_every: how many of the first "
+         "test images the curve's autoattack_lite attacks."),
     # Health.
     Flag("health", "co_guard", "bool", "Watch for catastrophic overfitting during training "
          "(PGD against FGSM accuracy on a fixed training batch every --co_guard_every steps), "

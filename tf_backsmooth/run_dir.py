@@ -58,7 +58,8 @@ def config_payload(config):
     # started before each of them resume.
     for key, default in (("failure_data", "validation"), ("failure_examples", 1000),
                          ("failure_from_epoch", 0), ("failure_pgd_steps", 0),
-                         ("test_autoattack_examples", 0), ("failure_overestimate_gap", 1.0)):
+                         ("test_autoattack_examples", 0), ("failure_overestimate_gap", 1.0),
+                         ("curve_every", 0), ("curve_examples", 1000)):
         if payload.get(key) == default:
             payload.pop(key, None)
     return payload
@@ -253,4 +254,57 @@ def manifest(config, model, strategy_name, num_replicas):
         "method": config.method,
         "params": config_lib.as_dict(model.params),
         "command": " ".join(sys.argv),
+        "source_commit": source_commit(),
+    }
+
+
+def source_commit():
+    """The git commit of the tf_backsmooth source in use (with ``+dirty`` when
+    its tracked files are modified), or None outside a git checkout."""
+    import subprocess
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=here, capture_output=True, text=True, timeout=10,
+                               check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "") if commit else None
+
+
+def model_card(config, results, manifest):
+    """``results.json``'s ``model_card``: RobustBench's fields (clean and
+    robust accuracy, threat model, eps, test examples, architecture; the
+    robust number is autoattack_lite's when the run measured it, else the
+    final PGD's, and ``robust_attack`` says which) plus what the training
+    cost and where it ran: seconds, gradient evaluations, hardware, commit."""
+    strong = results.get("autoattack_lite")
+    return {
+        "dataset": config.dataset,
+        "threat_model": "Linf",
+        "eps": config.epsilon,
+        "architecture": config.model,
+        "training_method": config.method,
+        "additional_data": False,
+        "number_forward_passes": 1,
+        "clean_acc": round(100 * results["clean_accuracy"], 2),
+        "robust_acc": round(100 * (strong["autoattack_lite_accuracy"] if strong
+                                   else results["robust_accuracy"]), 2),
+        "robust_attack": ("autoattack_lite (APGD-CE + APGD-T)" if strong
+                          else results["robust_attack"]),
+        "robust_test_examples": strong["test_examples"] if strong else results["test_examples"],
+        "clean_test_examples": results["test_examples"],
+        "epochs": config.epochs,
+        "train_seconds": results["train_seconds"],
+        "grad_evals": results["grad_evals"],
+        "hardware": {"devices": manifest.get("devices"),
+                     "cpu": manifest.get("cpu_kernels", {}).get("model"),
+                     "cores": manifest.get("cpu_kernels", {}).get("cores")},
+        "tensorflow": manifest.get("tensorflow"),
+        "tf_backsmooth": manifest.get("tf_backsmooth"),
+        "commit": manifest.get("source_commit"),
+        "seed": results["seed"],
     }

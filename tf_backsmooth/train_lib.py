@@ -165,7 +165,7 @@ class RunCallbacks:
 
 
 def make_callbacks(config, model, val, global_batch, is_chief=True,
-                   train=None):
+                   train=None, test=None):
     """The :class:`RunCallbacks` of a training attempt."""
     import keras
 
@@ -187,6 +187,11 @@ def make_callbacks(config, model, val, global_batch, is_chief=True,
     if config.failure_restarts:
         hooks.detector = health.make_failure_detector(config, train, is_chief)
         hooks.all.append(hooks.detector)
+    if config.curve_every:  # before RunLog, which writes its numbers
+        n = min(config.curve_examples, len(test[1]))
+        hooks.all.append(cb.ComputeCurve(
+            data_lib.to_float(test[0][:n]), test[1][:n], config.epsilon,
+            config.curve_every, config.epochs, seed=config.seed))
     hooks.run_log = cb.RunLog(config.model_dir, global_batch, is_chief=is_chief)
     hooks.all.append(hooks.run_log)
     if config.tensorboard and is_chief:
@@ -277,7 +282,7 @@ def _run(config, strategy, is_chief, flags_text):
     info, train, val, test = load_data(config)  # fails fast on bad data
     steps = steps_per_epoch(len(train[1]), config.batch_size)
     strategy = _set_up(config, strategy, is_chief)
-    trained = _train_attempts(config, strategy, info, steps, (train, val), is_chief,
+    trained = _train_attempts(config, strategy, info, steps, (train, val, test), is_chief,
                               flags_text)
     selection = _select_weights(trained, val)
     classifier = export_classifier(config, info, trained.model.base_model)
@@ -334,7 +339,7 @@ def _train_attempts(base_config, strategy, info, steps, data, is_chief, flags_te
     restart is left; attempt k > 0 (after k failed ones) has its own seed."""
     from tf_backsmooth import callbacks as cb
 
-    train, val = data
+    train, val, test = data
     attempts = run_dir.read_attempts(base_config.model_dir)
     while True:
         config = dataclasses.replace(
@@ -342,7 +347,8 @@ def _train_attempts(base_config, strategy, info, steps, data, is_chief, flags_te
         model = _build_attempt(config, strategy, info, steps, train, is_chief)
         if is_chief:
             _write_run_files(base_config, config, model, strategy, flags_text)
-        hooks = make_callbacks(config, model, val, config.batch_size, is_chief, train=train)
+        hooks = make_callbacks(config, model, val, config.batch_size, is_chief, train=train,
+                               test=test)
         try:
             first_epoch = hooks.backup.restore(model)  # verified, with fallback
         except cb.CheckpointError as err:
@@ -489,11 +495,12 @@ def _write_results(trained, classifier, results):
     resumes from the backup into the final evaluation; after a NaN the backup
     is kept)."""
     model_dir = trained.config.model_dir
+    path = os.path.join(model_dir, run_dir.MANIFEST)
+    payload = fileio.read_json(path)
     if results["co_guard"] is not None:  # the manifest records its events
-        path = os.path.join(model_dir, run_dir.MANIFEST)
-        payload = fileio.read_json(path)
         payload["co_guard"] = results["co_guard"]
         fileio.write_json(path, payload)
+    results["model_card"] = run_dir.model_card(trained.config, results, payload)
     fileio.save_model(classifier, os.path.join(model_dir, "model.keras"))
     fileio.write_json(os.path.join(model_dir, run_dir.RESULTS), results)
     if not results["nan_stop"]:

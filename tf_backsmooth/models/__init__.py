@@ -6,7 +6,7 @@ stay in pixel units) and returns logits (no softmax). Models use only built-in
 Keras layers and the functional API, so a saved ``model.keras`` loads with
 plain ``keras.models.load_model`` without tf_backsmooth installed.
 
-Registered models: ``small_cnn``, ``mnist_cnn``, ``mlp`` (see
+Registered models: ``small_cnn``, ``mnist_cnn``, ``madry_cnn``, ``mlp`` (see
 :mod:`.cnn`), ``resnet18``, ``preact_resnet18`` (:mod:`.resnet`) and
 ``wide_resnet`` (:mod:`.wide_resnet`). Add one with :func:`register`.
 """

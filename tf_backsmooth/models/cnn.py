@@ -6,6 +6,9 @@
 * ``mnist_cnn``: the MNIST CNN of Wong et al. 2020 ("Fast is better than
   free"): conv 16 4x4 stride 2 pad 1, conv 32 4x4 stride 2 pad 1, dense 100,
   dense classes. Cheap enough for CPU grids.
+* ``madry_cnn``: the MNIST network of Madry et al. 2018 (MadryLab/mnist_challenge
+  ``model.py``): conv 32 5x5 "same", 2x2 max-pool, conv 64 5x5 "same", 2x2
+  max-pool, dense 1024, dense classes (3,274,634 parameters for 10 classes).
 * ``mlp``: flatten, one ReLU hidden layer (``hidden`` units), dense classes.
 """
 
@@ -42,6 +45,16 @@ def mnist_cnn(x, num_classes):
     x = relu(conv2d(x, 32, 4, stride=2, padding=1, name="conv2"), "conv2_relu")
     x = keras.layers.Flatten(name="flatten")(x)
     x = _dense(x, 100, "fc1", "relu")
+    return _dense(x, num_classes, "logits")
+
+
+@register("madry_cnn")
+def madry_cnn(x, num_classes):
+    for i, filters in ((1, 32), (2, 64)):
+        x = relu(conv2d(x, filters, 5, padding=2, name=f"conv{i}"), f"conv{i}_relu")
+        x = keras.layers.MaxPooling2D(2, padding="same", name=f"pool{i}")(x)
+    x = keras.layers.Flatten(name="flatten")(x)
+    x = _dense(x, 1024, "fc1", "relu")
     return _dense(x, num_classes, "logits")
 
 
