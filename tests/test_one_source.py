@@ -2,6 +2,7 @@
 the CO guard's defaults, the epsilon check, the gradient cosine, APGD's home."""
 
 import inspect
+import re
 
 import numpy as np
 import pytest
@@ -102,3 +103,23 @@ def test_method_keyword_flags_come_from_the_registry():
     assert all(fv[name].default is None for name in flagged)
     assert tbs_flags.config_from_flags(fv).method_kwargs == {"clip_start": False,
                                                              "init_scale": 0.5}
+
+
+def test_moved_names_say_where_they_went():
+    """A name that left a module fails naming its new place, and that place exists."""
+    import importlib
+
+    from tf_backsmooth import co_guard, robust_model, train_lib
+
+    for module in (train_lib, evaluation, robust_model, co_guard):
+        assert module.MOVED
+        for old, new in module.MOVED.items():
+            assert old not in vars(module), f"{module.__name__}.{old} is still defined"
+            with pytest.raises(AttributeError, match=f"moved: use {re.escape(new)}"):
+                getattr(module, old)
+            if new.startswith("tf_backsmooth."):
+                path = new.split("(")[0]
+                target, attr = path.rsplit(".", 1)
+                assert hasattr(importlib.import_module(target), attr), new
+    with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
+        train_lib.no_such_name  # noqa: B018

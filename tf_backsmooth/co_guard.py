@@ -110,7 +110,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_backsmooth import attacks, fileio, objectives, rng
+from tf_backsmooth import attacks, fileio, moved, objectives, rng
 from tf_backsmooth import methods as methods_lib
 from tf_backsmooth.config import (
     CO_GUARD,
@@ -659,3 +659,12 @@ def _fmt(value):
 
 
 __all__ = ["COGuard", "collapse_detected", "make_measure_fn", "overhead", "POLICIES"]
+
+# Names that lived here before 0.2.0: reading one says where it is now.
+MOVED = {
+    'RULES': 'tf_backsmooth.config.CO_RULES',
+    'retrace': 'RobustModel.retrace()',
+    'set_step_size': 'RobustModel.set_params(step_size=...)',
+    'switch_method': 'RobustModel.switch_method(name)',
+}
+__getattr__ = moved.getattr_for(__name__, MOVED)

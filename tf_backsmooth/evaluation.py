@@ -70,7 +70,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_backsmooth import attacks as attacks_lib
-from tf_backsmooth import objectives, rng
+from tf_backsmooth import moved, objectives, rng
 from tf_backsmooth.config import EvalConfig, check_epsilon
 
 ATTACKS = ("fgsm", "pgd", "pgd_margin", "apgd_ce", "apgd_t", "fab_t", "square")
@@ -808,3 +808,19 @@ def format_table(report) -> str:
                               for st in log)
             lines.append(f"{preset} at eps={float(k):g}: {parts}")
     return "\n".join(lines)
+
+# Names that lived here before 0.2.0: reading one says where it is now.
+MOVED = {
+    'run': 'tf_backsmooth.evaluate_lib.run',
+    'plot_report': 'tf_backsmooth.evaluate_lib.plot_report',
+    'EvalError': 'tf_backsmooth.evaluate_lib.EvalError',
+    'apgd': 'tf_backsmooth.attacks.apgd',
+    'apgd_checkpoints': 'tf_backsmooth.attacks.apgd_checkpoints',
+    'dlr_loss': 'tf_backsmooth.attacks.dlr_loss',
+    'dlr_targeted_loss': 'tf_backsmooth.attacks.dlr_targeted_loss',
+    'target_classes': 'tf_backsmooth.attacks.target_classes',
+    'APGDResult': 'tf_backsmooth.attacks.APGDResult',
+    'APGD_RHO': 'tf_backsmooth.attacks.APGD_RHO',
+    'APGD_MOMENTUM': 'tf_backsmooth.attacks.APGD_MOMENTUM',
+}
+__getattr__ = moved.getattr_for(__name__, MOVED)

@@ -32,7 +32,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_backsmooth import cpu, fastgrad, fused_bn, objectives, rng, schedules, xla_plan
+from tf_backsmooth import cpu, fastgrad, fused_bn, moved, objectives, rng, schedules, xla_plan
 from tf_backsmooth import methods as methods_lib
 
 log = logging.getLogger("tf_backsmooth")
@@ -577,3 +577,12 @@ class RobustModel(keras.Model):
         return self._step_logs({"loss": self._trackers["loss"].result(),
                                 "clean_accuracy":
                                     self._trackers["clean_accuracy"].result()})
+
+# Names that lived here before 0.2.0: reading one says where it is now.
+MOVED = {
+    'resolve_xla': 'tf_backsmooth.xla_plan.resolve_xla',
+    'xla_needs_measurement': 'tf_backsmooth.xla_plan.xla_needs_measurement',
+    'StepPlan': 'tf_backsmooth.xla_plan.StepPlan',
+    'XLA_MARGIN': 'tf_backsmooth.xla_plan.XLA_MARGIN',
+}
+__getattr__ = moved.getattr_for(__name__, MOVED)

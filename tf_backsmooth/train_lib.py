@@ -25,7 +25,7 @@ import shutil
 import time
 
 from tf_backsmooth import config as config_lib
-from tf_backsmooth import cpu, fileio, health, run_dir, schedules
+from tf_backsmooth import cpu, fileio, health, moved, run_dir, schedules
 from tf_backsmooth import data as data_lib
 
 log = logging.getLogger("tf_backsmooth")
@@ -505,3 +505,31 @@ def _write_results(trained, classifier, results):
     fileio.write_json(os.path.join(model_dir, run_dir.RESULTS), results)
     if not results["nan_stop"]:
         shutil.rmtree(os.path.join(model_dir, run_dir.BACKUP), ignore_errors=True)
+
+# Names that lived here before 0.2.0: reading one says where it is now.
+MOVED = {
+    'RunError': 'tf_backsmooth.run_dir.RunError',
+    'RESULTS': 'tf_backsmooth.run_dir.RESULTS',
+    'CONFIG': 'tf_backsmooth.run_dir.CONFIG',
+    'MANIFEST': 'tf_backsmooth.run_dir.MANIFEST',
+    'BACKUP': 'tf_backsmooth.run_dir.BACKUP',
+    'claim_model_dir': 'tf_backsmooth.run_dir.claim_model_dir',
+    'prepare_model_dir': 'tf_backsmooth.run_dir.prepare_model_dir',
+    'attempt_seed': 'tf_backsmooth.run_dir.attempt_seed',
+    'manifest': 'tf_backsmooth.run_dir.manifest',
+    'robustness_gap_warning': 'tf_backsmooth.health.robustness_gap_warning',
+    'overestimate_warning': 'tf_backsmooth.health.overestimate_warning',
+    'final_autoattack': 'tf_backsmooth.health.final_autoattack',
+    'pgd_verdicts': 'tf_backsmooth.health.pgd_verdicts',
+    'make_failure_detector': 'tf_backsmooth.health.make_failure_detector',
+    'make_co_guard': 'tf_backsmooth.health.make_co_guard',
+    'describe_failure': 'tf_backsmooth.health.describe_failure',
+    'check_score': 'tf_backsmooth.health.check_score',
+    'keep_least_bad': 'tf_backsmooth.health.keep_least_bad',
+    'make_schedule': 'tf_backsmooth.schedules.learning_rate',
+    'CyclicSchedule': 'tf_backsmooth.schedules.CyclicSchedule',
+    'bfloat16_warning': 'tf_backsmooth.cpu.bfloat16_warning',
+    'cpu_bfloat16_units': 'tf_backsmooth.cpu.bfloat16_units(tf_backsmooth.cpu.cpu_flags())',
+    'weights_fingerprint': 'tf_backsmooth.fileio.weights_fingerprint',
+}
+__getattr__ = moved.getattr_for(__name__, MOVED)
