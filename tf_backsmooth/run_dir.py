@@ -41,8 +41,17 @@ class RunError(RuntimeError):
 # ----------------------------------------------------------------- run dir
 
 
+#: The version of config.json's layout this package writes and reads. Runs
+#: written with an older layout resume (every field added since is absent at
+#: its default); a newer one is refused, naming both versions.
+CONFIG_SCHEMA = 2  # 1: tf_backsmooth 0.1.0, which wrote no "schema_version"
+
+
 def config_payload(config):
+    """What ``config.json`` records of ``config`` (compared on resume), with its
+    ``schema_version``."""
     payload = config_lib.as_dict(config)
+    payload["schema_version"] = CONFIG_SCHEMA
     # Fields that may change between a run and its resumption.
     for key in ("verbose", "overwrite"):
         payload.pop(key, None)
@@ -116,14 +125,25 @@ def prepare_model_dir(config, is_chief=True):
                     os.remove(path)
     elif os.path.exists(config_path):
         previous = fileio.read_json(config_path)
+        written = previous.pop("schema_version", 1) if isinstance(previous, dict) else None
+        if not isinstance(written, int) or written > CONFIG_SCHEMA:
+            raise RunError(
+                f"model_dir {model_dir!r} holds a run whose config.json has schema version "
+                f"{written!r}; this tf_backsmooth reads versions 1 to {CONFIG_SCHEMA}: resume it "
+                "with the tf_backsmooth that started it, or use another --model_dir")
         current = json.loads(json.dumps(config_payload(config)))
+        current.pop("schema_version")
         if previous != current:
             changed = sorted(k for k in set(previous) | set(current)
                              if previous.get(k) != current.get(k))
             raise RunError(
                 f"model_dir {model_dir!r} holds an unfinished run with a "
-                f"different configuration (differs in: {', '.join(changed)}); "
-                "use the same flags to resume, or another --model_dir")
+                f"different configuration (differs in: {', '.join(changed)}; config.json schema "
+                f"version {written}, this tf_backsmooth's {CONFIG_SCHEMA}); use the same flags "
+                "to resume, or another --model_dir")
+        if written < CONFIG_SCHEMA:
+            log.info("resuming a run whose config.json has schema version %d (this "
+                     "tf_backsmooth writes %d)", written, CONFIG_SCHEMA)
     resuming = os.path.exists(os.path.join(model_dir, BACKUP))
     if is_chief:
         os.makedirs(model_dir, exist_ok=True)
