@@ -210,7 +210,8 @@ def torch_bs_step(model, opt, x, y, eps, concat):
     return loss
 
 
-def torch_runner(net, precision="float32"):
+def torch_setup(net):
+    """The same PyTorch network, optimizer and 4 batches for every reference."""
     shape, batch, eps = NETS[net]
     torch.manual_seed(0)
     model = SmallCNN() if net == "small_cnn" else ResNet18()
@@ -219,6 +220,11 @@ def torch_runner(net, precision="float32"):
     h, w, c = shape
     batches = [(torch.rand(batch, c, h, w, generator=g),
                 torch.randint(0, 10, (batch,), generator=g)) for _ in range(4)]
+    return model, opt, batches, eps
+
+
+def torch_runner(net, precision="float32"):
+    model, opt, batches, eps = torch_setup(net)
     concat = net == "small_cnn"
 
     def cast():
@@ -288,14 +294,7 @@ def load_official(directory):
 def official_runner(net, training_loss, precision="float32"):
     """The authors' step: their ``training_loss`` (attack in eval mode, loss in
     train mode, KL with ``size_average=False`` / batch), then backward and step."""
-    shape, batch, eps = NETS[net]
-    torch.manual_seed(0)
-    model = SmallCNN() if net == "small_cnn" else ResNet18()
-    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
-    g = torch.Generator().manual_seed(0)
-    h, w, c = shape
-    batches = [(torch.rand(batch, c, h, w, generator=g),
-                torch.randint(0, 10, (batch,), generator=g)) for _ in range(4)]
+    model, opt, batches, eps = torch_setup(net)
 
     def step(x, y):
         with (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bfloat16"

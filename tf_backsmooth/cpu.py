@@ -77,35 +77,32 @@ class OneDnnChoice:
     reason: str
 
 
-def cpu_flags(cpuinfo: Optional[str] = None) -> Optional[frozenset]:
-    """The first ``flags`` line of ``cpuinfo`` (default: ``$TF_BACKSMOOTH_CPUINFO``
-    or ``/proc/cpuinfo``) as a set; None where the file cannot be read (not
-    Linux)."""
+def _cpuinfo_field(name, cpuinfo):
+    """The value of the first ``name`` line of ``cpuinfo`` (default:
+    ``$TF_BACKSMOOTH_CPUINFO`` or ``/proc/cpuinfo``); ``""`` when no line has
+    it, None where the file cannot be read (not Linux)."""
     if cpuinfo is None:
         cpuinfo = os.environ.get(CPUINFO_ENV) or "/proc/cpuinfo"
     try:
         with open(cpuinfo, encoding="utf-8", errors="replace") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[-1].split())
-    except OSError:
-        return None
-    return frozenset()
-
-
-def cpu_model(cpuinfo: Optional[str] = None) -> Optional[str]:
-    """The first ``model name`` of ``cpuinfo`` (default as :func:`cpu_flags`),
-    e.g. ``"AMD EPYC"``; None where unknown."""
-    if cpuinfo is None:
-        cpuinfo = os.environ.get(CPUINFO_ENV) or "/proc/cpuinfo"
-    try:
-        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
+                if line.startswith(name):
                     return line.split(":", 1)[-1].strip()
     except OSError:
         return None
-    return None
+    return ""
+
+
+def cpu_flags(cpuinfo: Optional[str] = None) -> Optional[frozenset]:
+    """The CPU's first ``flags`` line as a set (see :func:`_cpuinfo_field`);
+    None where unknown."""
+    value = _cpuinfo_field("flags", cpuinfo)
+    return None if value is None else frozenset(value.split())
+
+
+def cpu_model(cpuinfo: Optional[str] = None) -> Optional[str]:
+    """The CPU's first ``model name``, e.g. ``"AMD EPYC"``; None where unknown."""
+    return _cpuinfo_field("model name", cpuinfo) or None
 
 
 def isa(flags) -> str:
