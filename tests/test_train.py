@@ -12,9 +12,9 @@ import pytest
 from absl import flags
 from conftest import REPO, shared_data_dir
 
+from tf_backsmooth import builders, health
 from tf_backsmooth import config as config_lib
 from tf_backsmooth import flags as tbs_flags
-from tf_backsmooth import health
 from tf_backsmooth import run_dir as run_dir_lib
 
 # In-process flag and helper tests are fast; every test that runs bin/train (or
@@ -613,12 +613,12 @@ def test_bs_flagfile_schedule_is_the_recipe_its_header_states():
 def test_normalize_false_gives_raw_pixels_to_the_network():
     import keras
 
-    from tf_backsmooth import data, train_lib
+    from tf_backsmooth import data
     info = data.get_info("mnist")
     x = np.random.RandomState(0).rand(2, 28, 28, 1).astype(np.float32)
     for normalize, expected in ((True, (x - info.mean) / info.std), (False, x)):
         config = config_lib.TrainConfig(dataset="mnist", model="mnist_cnn", normalize=normalize)
-        model = train_lib.make_classifier(config, info)
+        model = builders.make_classifier(config, info)
         first = model.get_layer("normalize")
         np.testing.assert_allclose(keras.ops.convert_to_numpy(first(x)), expected, rtol=1e-5, atol=1e-5)
 
@@ -1238,7 +1238,7 @@ def test_run_records_the_measured_xla_choice(tmp_path, monkeypatch, mnist_dir):
         fn(*args)
         return 0.01 if xla else 0.02
 
-    monkeypatch.setattr(train_lib, "make_classifier", tiny_bn)
+    monkeypatch.setattr(builders, "make_classifier", tiny_bn)
     monkeypatch.setattr(xla_plan, "timed", fake_timed)
     config = config_lib.TrainConfig(
         dataset="mnist", data_dir=str(mnist_dir), model="mlp", method="backward_smoothing",

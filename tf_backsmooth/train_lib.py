@@ -24,8 +24,8 @@ import os
 import shutil
 import time
 
+from tf_backsmooth import builders, cpu, fileio, health, moved, run_dir
 from tf_backsmooth import config as config_lib
-from tf_backsmooth import cpu, fileio, health, moved, run_dir, schedules
 from tf_backsmooth import data as data_lib
 
 log = logging.getLogger("tf_backsmooth")
@@ -84,65 +84,6 @@ def load_data(config):
     test = data_lib.load_arrays(config.dataset, "test", config.data_dir,
                                 num_examples=config.test_examples)
     return info, train, val, test
-
-
-# ----------------------------------------------------------------- building
-def make_optimizer(config, steps_per_epoch):
-    import keras
-
-    schedule = schedules.learning_rate(config, steps_per_epoch)
-    # Weight decay is Keras' decoupled form (w -= lr * wd * w) for every
-    # optimizer; the PyTorch references add wd * w to the gradient before
-    # momentum instead. See BUILD_NOTES.md.
-    wd = config.weight_decay or None
-    if config.optimizer == "sgd":
-        return keras.optimizers.SGD(schedule, momentum=config.momentum,
-                                    weight_decay=wd)
-    if config.optimizer == "adam":
-        return keras.optimizers.Adam(schedule, weight_decay=wd)
-    return keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay)
-
-
-def make_classifier(config, info):
-    """The base classifier of ``config`` (normalisation and init as set)."""
-    from tf_backsmooth import models
-
-    mean, std = (info.mean, info.std) if config.normalize else (None, None)
-    return models.get(config.model, info.num_classes, info.input_shape,
-                      mean=mean, std=std, init=config.init)
-
-
-def build_model(config, info, steps_per_epoch=None):
-    """Base classifier + RobustModel (call under the strategy scope).
-
-    ``steps_per_epoch`` converts ``epsilon_warmup_epochs`` into steps; it is
-    required when a warm-up is configured.
-    """
-    import keras
-
-    from tf_backsmooth import schedules
-    from tf_backsmooth.robust_model import RobustModel
-
-    keras.utils.set_random_seed(config.seed)
-    base = make_classifier(config, info)
-    if config.sync_batchnorm:
-        for layer in base._flatten_layers():
-            if isinstance(layer, keras.layers.BatchNormalization):
-                layer.synchronized = True  # read by BatchNormalization._moments
-    attack_kw = {}
-    if config.method != "natural":
-        attack_kw = dict(epsilon=config.epsilon, step_size=config.step_size,
-                         steps=config.steps)
-    if config.epsilon_warmup_epochs:
-        if steps_per_epoch is None:
-            raise ValueError("build_model needs steps_per_epoch for "
-                             "epsilon_warmup_epochs")
-        attack_kw["epsilon_schedule"] = schedules.EpsilonWarmup(
-            config.epsilon, schedules.warmup_steps(
-                config.epsilon_warmup_epochs, steps_per_epoch))
-    return RobustModel(base, method=config.method, gamma=config.gamma,
-                       beta=config.beta, seed=config.seed, **attack_kw,
-                       **dict(config.method_kwargs))
 
 
 @dataclasses.dataclass
@@ -208,29 +149,6 @@ def make_callbacks(config, model, val, global_batch, is_chief=True,
     return hooks
 
 
-def export_classifier(config, info, base):
-    """The classifier to evaluate and export: float32, plain BatchNorm.
-
-    Under a mixed-precision policy or with synchronised BatchNorm, the same
-    architecture is rebuilt under float32 and given the trained weights
-    (variables are float32 in every policy), so evaluation and the exported
-    ``model.keras`` run in full precision and carry no training-only
-    settings.
-    """
-    import keras
-
-    if config.dtype_policy == "float32" and not config.sync_batchnorm:
-        return base
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("float32")
-    try:
-        clone = make_classifier(config, info)
-    finally:
-        keras.config.set_dtype_policy(previous)
-    clone.set_weights(base.get_weights())
-    return clone
-
-
 # --------------------------------------------------------------------- run
 def run(config, strategy=None, is_chief=True, flags_text=None):
     """Trains and evaluates; returns the results dict (also in results.json).
@@ -285,7 +203,7 @@ def _run(config, strategy, is_chief, flags_text):
     trained = _train_attempts(config, strategy, info, steps, (train, val, test), is_chief,
                               flags_text)
     selection = _select_weights(trained, val)
-    classifier = export_classifier(config, info, trained.model.base_model)
+    classifier = builders.export_classifier(config, info, trained.model.base_model)
     results = _final_evaluation(trained, selection, classifier, test, is_chief)
     results["wall_seconds_this_process"] = time.time() - started
     if is_chief:
@@ -315,8 +233,9 @@ def _build_attempt(config, strategy, info, steps, train, is_chief):
     one batch: done here, so the manifest and the log record the mode used;
     nothing is timed under a strategy)."""
     with strategy.scope():
-        model = build_model(config, info, steps)
-        model.compile(optimizer=make_optimizer(config, steps), jit_compile=config.jit_compile)
+        model = builders.build_model(config, info, steps)
+        model.compile(optimizer=builders.make_optimizer(config, steps),
+                      jit_compile=config.jit_compile)
         model.build((None,) + tuple(info.input_shape))
     per_replica = config.batch_size // strategy.num_replicas_in_sync
     model.measure_xla(data_lib.to_float(train[0][:per_replica]), train[1][:per_replica],
@@ -508,28 +427,19 @@ def _write_results(trained, classifier, results):
 
 # Names that lived here before 0.2.0: reading one says where it is now.
 MOVED = {
-    'RunError': 'tf_backsmooth.run_dir.RunError',
-    'RESULTS': 'tf_backsmooth.run_dir.RESULTS',
-    'CONFIG': 'tf_backsmooth.run_dir.CONFIG',
-    'MANIFEST': 'tf_backsmooth.run_dir.MANIFEST',
-    'BACKUP': 'tf_backsmooth.run_dir.BACKUP',
-    'claim_model_dir': 'tf_backsmooth.run_dir.claim_model_dir',
-    'prepare_model_dir': 'tf_backsmooth.run_dir.prepare_model_dir',
-    'attempt_seed': 'tf_backsmooth.run_dir.attempt_seed',
-    'manifest': 'tf_backsmooth.run_dir.manifest',
-    'robustness_gap_warning': 'tf_backsmooth.health.robustness_gap_warning',
-    'overestimate_warning': 'tf_backsmooth.health.overestimate_warning',
-    'final_autoattack': 'tf_backsmooth.health.final_autoattack',
-    'pgd_verdicts': 'tf_backsmooth.health.pgd_verdicts',
-    'make_failure_detector': 'tf_backsmooth.health.make_failure_detector',
-    'make_co_guard': 'tf_backsmooth.health.make_co_guard',
-    'describe_failure': 'tf_backsmooth.health.describe_failure',
-    'check_score': 'tf_backsmooth.health.check_score',
-    'keep_least_bad': 'tf_backsmooth.health.keep_least_bad',
-    'make_schedule': 'tf_backsmooth.schedules.learning_rate',
-    'CyclicSchedule': 'tf_backsmooth.schedules.CyclicSchedule',
-    'bfloat16_warning': 'tf_backsmooth.cpu.bfloat16_warning',
-    'cpu_bfloat16_units': 'tf_backsmooth.cpu.bfloat16_units(tf_backsmooth.cpu.cpu_flags())',
-    'weights_fingerprint': 'tf_backsmooth.fileio.weights_fingerprint',
+    **{name: f"tf_backsmooth.run_dir.{name}" for name in (
+        "RunError", "RESULTS", "CONFIG", "MANIFEST", "BACKUP", "claim_model_dir",
+        "prepare_model_dir", "attempt_seed", "manifest")},
+    **{name: f"tf_backsmooth.health.{name}" for name in (
+        "robustness_gap_warning", "overestimate_warning", "final_autoattack", "pgd_verdicts",
+        "make_failure_detector", "make_co_guard", "describe_failure", "check_score",
+        "keep_least_bad")},
+    **{name: f"tf_backsmooth.builders.{name}" for name in (
+        "make_optimizer", "make_classifier", "build_model", "export_classifier")},
+    "make_schedule": "tf_backsmooth.schedules.learning_rate",
+    "CyclicSchedule": "tf_backsmooth.schedules.CyclicSchedule",
+    "bfloat16_warning": "tf_backsmooth.cpu.bfloat16_warning",
+    "cpu_bfloat16_units": "tf_backsmooth.cpu.bfloat16_units(tf_backsmooth.cpu.cpu_flags())",
+    "weights_fingerprint": "tf_backsmooth.fileio.weights_fingerprint",
 }
 __getattr__ = moved.getattr_for(__name__, MOVED)
