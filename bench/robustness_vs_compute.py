@@ -89,7 +89,7 @@ def plot(curves, path):
         axes[0].plot([p["seconds"] for p in points], aa, marker="o", label=label)
         axes[1].plot([p["grad_evals"] for p in points], aa, marker="o", label=label)
     axes[0].set_xlabel("training time (s)")
-    axes[1].set_xlabel("gradient evaluations (forward + backward, per example, summed)")
+    axes[1].set_xlabel("gradient evaluations (passes x examples)")
     for ax in axes:
         ax.set_ylabel("autoattack_lite accuracy (%)")
         ax.grid(alpha=0.3)
